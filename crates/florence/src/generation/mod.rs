@@ -1,0 +1,223 @@
+//! Token generation with transformers' exact semantics: beam search (the vectorized
+//! `_beam_search` of transformers 5), greedy search and sampling, and the logits processors
+//! they use (no-repeat n-grams, minimum length, forced BOS/EOS, temperature, top-k, top-p, min-p).
+//!
+//! The search algorithms drive any [`StepDecoder`], so they are independent of the model.
+
+mod beam;
+mod processors;
+mod sampling;
+
+pub use beam::beam_search;
+pub use processors::LogitsProcessor;
+pub use sampling::greedy_or_sample;
+
+use crate::config::GenerationOverrides;
+use crate::error::{Error, Result};
+
+/// When beam search stops (transformers' `early_stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    /// Stop as soon as `num_beams` hypotheses are finished (`True`; Florence-2's default).
+    #[default]
+    Finished,
+    /// Stop when no running beam can beat the worst finished one at its current length (`False`).
+    Heuristic,
+    /// Stop only when no running beam can improve, even at the maximum length (`"never"`).
+    Never,
+}
+
+/// Settings for random sampling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0 = off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0.0 = off).
+    pub min_p: f32,
+    /// Seed of the random generator; the same seed gives the same output.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 50, top_p: 1.0, min_p: 0.0, seed: 0 }
+    }
+}
+
+/// Everything that decides which tokens are generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Most new tokens, counting the forced BOS and the final EOS.
+    pub max_new_tokens: usize,
+    /// EOS is banned until this many new tokens exist.
+    pub min_new_tokens: usize,
+    pub num_beams: usize,
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// Ban any n-gram of this size from repeating (0 = off).
+    pub no_repeat_ngram_size: usize,
+    pub forced_bos_token_id: Option<u32>,
+    pub forced_eos_token_id: Option<u32>,
+    pub decoder_start_token_id: u32,
+    pub eos_token_id: u32,
+    pub pad_token_id: u32,
+    /// `Some` to sample instead of searching deterministically.
+    pub sampling: Option<SamplingConfig>,
+}
+
+impl Default for GenerationConfig {
+    /// The settings Microsoft's remote code effectively uses (spec §7).
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 1024,
+            min_new_tokens: 0,
+            num_beams: 3,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Finished,
+            no_repeat_ngram_size: 3,
+            forced_bos_token_id: Some(0),
+            forced_eos_token_id: Some(2),
+            decoder_start_token_id: 2,
+            eos_token_id: 2,
+            pad_token_id: 1,
+            sampling: None,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Applies the fields a checkpoint's files set.
+    pub fn apply(&mut self, o: &GenerationOverrides) {
+        if let Some(v) = o.num_beams {
+            self.num_beams = v;
+        }
+        if let Some(v) = o.no_repeat_ngram_size {
+            self.no_repeat_ngram_size = v;
+        }
+        if let Some(v) = o.early_stopping {
+            self.early_stopping = if v { EarlyStopping::Finished } else { EarlyStopping::Heuristic };
+        }
+        if let Some(v) = o.length_penalty {
+            self.length_penalty = v;
+        }
+        if let Some(v) = o.forced_bos_token_id {
+            self.forced_bos_token_id = Some(v);
+        }
+        if let Some(v) = o.forced_eos_token_id {
+            self.forced_eos_token_id = Some(v);
+        }
+        if let Some(v) = o.max_new_tokens {
+            self.max_new_tokens = v;
+        }
+        if let Some(v) = o.min_new_tokens {
+            self.min_new_tokens = v;
+        }
+        let sampling_fields =
+            o.temperature.is_some() || o.top_k.is_some() || o.top_p.is_some() || o.min_p.is_some();
+        if o.do_sample == Some(true) || (self.sampling.is_some() && sampling_fields) {
+            let mut s = self.sampling.clone().unwrap_or_default();
+            if let Some(v) = o.temperature {
+                s.temperature = v as f32;
+            }
+            if let Some(v) = o.top_k {
+                s.top_k = v;
+            }
+            if let Some(v) = o.top_p {
+                s.top_p = v as f32;
+            }
+            if let Some(v) = o.min_p {
+                s.min_p = v as f32;
+            }
+            self.sampling = Some(s);
+        } else if o.do_sample == Some(false) {
+            self.sampling = None;
+        }
+    }
+
+    /// Checks the settings against the model's decoder length.
+    pub fn validate(&self, max_positions: usize) -> Result<()> {
+        if self.num_beams == 0 {
+            return Err(Error::usage("num_beams must be at least 1"));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(Error::usage("max_new_tokens must be at least 1"));
+        }
+        if self.max_new_tokens > max_positions {
+            return Err(Error::usage(format!(
+                "max_new_tokens = {} exceeds the model's {max_positions} decoder positions",
+                self.max_new_tokens
+            )));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(Error::usage(format!(
+                "min_new_tokens = {} is larger than max_new_tokens = {}",
+                self.min_new_tokens, self.max_new_tokens
+            )));
+        }
+        if let Some(s) = &self.sampling {
+            if !(s.temperature > 0.0 && s.temperature.is_finite()) {
+                return Err(Error::usage(format!("temperature must be positive, got {}", s.temperature)));
+            }
+            if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+                return Err(Error::usage(format!("top_p must be in (0, 1], got {}", s.top_p)));
+            }
+            if !(0.0..=1.0).contains(&s.min_p) {
+                return Err(Error::usage(format!("min_p must be in [0, 1], got {}", s.min_p)));
+            }
+        }
+        Ok(())
+    }
+
+    /// transformers' `max_length`: the decoder start token plus the new tokens.
+    pub(crate) fn max_length(&self) -> usize {
+        self.max_new_tokens + 1
+    }
+}
+
+/// A decoder that advances every row of a batch by one token.
+///
+/// Rows are grouped by image: `rows_per_image` consecutive rows (the beams) belong to one image.
+pub trait StepDecoder {
+    /// Feeds one token per row and returns each row's next-token logits.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// Makes row `i` continue from the state of old row `order[i]`.
+    fn reorder(&mut self, order: &[u32]) -> Result<()>;
+}
+
+/// The generated token ids of one image, starting with the decoder start token.
+pub type Sequence = Vec<u32>;
+
+/// Runs the search the configuration asks for over `images` images.
+pub fn generate(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDecoder) -> Result<Vec<Sequence>> {
+    if cfg.num_beams > 1 {
+        beam_search(cfg, images, decoder)
+    } else {
+        greedy_or_sample(cfg, images, decoder)
+    }
+}
+
+/// `log_softmax` over one row, as torch computes it: `x - max - log(sum(exp(x - max)))`.
+pub(crate) fn log_softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    let lse = sum.ln();
+    for x in row.iter_mut() {
+        *x = *x - max - lse;
+    }
+}
+
+/// Indices of the `k` largest values, largest first; ties keep the lower index first.
+pub(crate) fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let k = k.min(idx.len());
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}

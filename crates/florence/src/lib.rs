@@ -1,0 +1,196 @@
+//! Florence-2 inference in pure Rust, token for token the same as transformers.
+//!
+//! The crate is laid out like the model: [`preprocess`] (decoding, Pillow-exact resizing,
+//! normalization), [`vision`] (the DaViT encoder), [`projector`] (image features into the
+//! language model's space), [`language`] (BART with an incremental decoder), [`generation`]
+//! (beam search, greedy, sampling), [`tasks`] (prompts and post-processing), [`checkpoint`]
+//! (both published weight layouts) and [`Florence`], which ties them together.
+//!
+//! ```no_run
+//! use florence::{Florence, LoadOptions, Task};
+//!
+//! # fn main() -> florence::Result<()> {
+//! let model = Florence::load("models/Florence-2-base".as_ref(), &LoadOptions::default())?;
+//! let image = florence::preprocess::load_image("photo.jpg".as_ref())?;
+//! let task = Task::new("<MORE_DETAILED_CAPTION>", None)?;
+//! let out = model.run(&[image], &task, model.generation_config())?;
+//! println!("{}", out[0].result);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod language;
+pub mod model;
+pub mod nn;
+pub mod preprocess;
+pub mod projector;
+pub mod tasks;
+pub mod tokenizer;
+pub mod vision;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+pub use config::{Florence2Config, Layout, PreprocessorConfig};
+pub use error::{Error, Result};
+pub use generation::{EarlyStopping, GenerationConfig, SamplingConfig};
+pub use model::Florence2;
+pub use preprocess::{ImageProcessor, RgbImage};
+pub use tasks::Task;
+pub use tokenizer::FlorenceTokenizer;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype (f32 is exact with transformers' default).
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu }
+    }
+}
+
+/// The result for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Generated ids, starting with the decoder start token.
+    pub ids: Vec<u32>,
+    /// `ids` decoded with special tokens kept (`batch_decode(ids, skip_special_tokens=False)`).
+    pub raw: String,
+    /// The post-processed answer: a string for text tasks, an object for structured ones.
+    pub result: serde_json::Value,
+}
+
+/// A loaded Florence-2 model with its tokenizer, image processor and default generation settings.
+#[derive(Debug)]
+pub struct Florence {
+    pub model: Florence2,
+    pub tokenizer: FlorenceTokenizer,
+    pub processor: ImageProcessor,
+    generation: GenerationConfig,
+    dir: PathBuf,
+}
+
+impl Florence {
+    /// Loads a model directory as downloaded from the hub (`config.json`, weights, tokenizer,
+    /// `preprocessor_config.json`), in either checkpoint layout.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "is not a directory; pass the folder of a downloaded Florence-2 model"));
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::checkpoint(dir, "has no config.json; is this a Florence-2 model folder?"));
+        }
+        let config = Florence2Config::from_file(&config_path)?;
+        let processor = ImageProcessor::new(Self::preprocessor_config(dir)?);
+        let tokenizer = FlorenceTokenizer::from_dir(dir)?;
+        let files = checkpoint::WeightFiles::discover(dir)?;
+        let generation = Self::default_generation(&config, dir)?;
+        let model = Florence2::load(config, &files, options.dtype, &options.device)?;
+        Ok(Self { model, tokenizer, processor, generation, dir: dir.to_path_buf() })
+    }
+
+    fn preprocessor_config(dir: &Path) -> Result<PreprocessorConfig> {
+        for name in ["preprocessor_config.json", "processor_config.json"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return PreprocessorConfig::from_file(&p);
+            }
+        }
+        Ok(PreprocessorConfig::default())
+    }
+
+    /// The checkpoint's own generation settings over the remote-code defaults (spec §7).
+    ///
+    /// Microsoft's remote code takes them from `text_config` and ignores `generation_config.json`;
+    /// transformers' native model reads `generation_config.json`.
+    fn default_generation(config: &Florence2Config, dir: &Path) -> Result<GenerationConfig> {
+        let t = &config.text;
+        let mut g = GenerationConfig {
+            decoder_start_token_id: t.decoder_start_token_id,
+            eos_token_id: t.eos_token_id,
+            pad_token_id: t.pad_token_id,
+            max_new_tokens: 1024.min(t.max_position_embeddings),
+            ..Default::default()
+        };
+        g.apply(&t.generation);
+        let gen_path = dir.join("generation_config.json");
+        if config.config_layout == Layout::Native && gen_path.is_file() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            #[derive(Deserialize)]
+            struct File {
+                #[serde(flatten)]
+                fields: config::GenerationOverrides,
+            }
+            let f: File = serde_json::from_str(&text)
+                .map_err(|e| Error::config(format!("not valid JSON: {e}")).in_file(&gen_path))?;
+            g.apply(&f.fields);
+        }
+        g.max_new_tokens = g.max_new_tokens.min(t.max_position_embeddings);
+        Ok(g)
+    }
+
+    /// The generation settings the checkpoint asks for.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stacks the pixel values of `images` into `[B, 3, H, W]`.
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let c = &self.processor.config;
+        let mut data = Vec::with_capacity(images.len() * 3 * c.width * c.height);
+        for img in images {
+            data.extend(self.processor.pixel_values(img));
+        }
+        let t = Tensor::from_vec(data, (images.len(), 3, c.height, c.width), self.model.device())?;
+        Ok(t.to_dtype(self.model.dtype())?)
+    }
+
+    /// Runs `task` on a batch of images with the settings `gen`.
+    pub fn run(&self, images: &[RgbImage], task: &Task, gen: &GenerationConfig) -> Result<Vec<Output>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        gen.validate(self.model.max_decoder_positions())?;
+        let prompt = self.tokenizer.encode(&task.prompt)?;
+        let features = self.model.encode_image(&self.pixel_values(images)?)?;
+        let memory = self.model.encode(&features, &prompt)?;
+        let mut decoder = self.model.decoder(&memory, gen.num_beams)?;
+        let seqs = generation::generate(gen, images.len(), &mut decoder)?;
+        seqs.into_iter()
+            .zip(images)
+            .map(|(ids, img)| {
+                let raw = self.tokenizer.decode(&ids, false)?;
+                let result = task.post_process(&raw, img.width, img.height);
+                Ok(Output { ids, raw, result })
+            })
+            .collect()
+    }
+}
+
+/// `../shared/testdata` beside the repository, for tests.
+#[cfg(test)]
+pub(crate) fn testdata_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: these tests need the shared test data beside the repository (../shared/testdata)",
+        dir.display()
+    );
+    dir
+}

@@ -1,0 +1,114 @@
+//! The whole Florence-2 model: vision encoder, projector and language model, loaded from a
+//! checkpoint in either layout.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::{load_remote_named, WeightFiles};
+use crate::config::{Florence2Config, Layout};
+use crate::error::{Error, Result};
+use crate::generation::StepDecoder;
+use crate::language::{BartLanguageModel, DecoderState};
+use crate::projector::ImageProjector;
+use crate::vision::DaViT;
+
+/// Florence-2 for conditional generation.
+#[derive(Debug, Clone)]
+pub struct Florence2 {
+    pub config: Florence2Config,
+    /// The layout the weights were stored in.
+    pub layout: Layout,
+    vision_tower: DaViT,
+    projector: ImageProjector,
+    language_model: BartLanguageModel,
+    device: Device,
+    dtype: DType,
+}
+
+impl Florence2 {
+    /// Loads the weights of `files` for `config`, computing in `dtype`.
+    pub fn load(config: Florence2Config, files: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let (tensors, layout) = load_remote_named(files, dtype)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let wrap = |e: Error| match e {
+            Error::Tensor(t) => Error::checkpoint(
+                &files.files[0],
+                format!("does not match config.json: {t}; check that the weights and config.json are from the same model"),
+            ),
+            other => other,
+        };
+        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower")).map_err(wrap)?;
+        let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
+        let language_model = BartLanguageModel::new(&config.text, vb).map_err(wrap)?;
+        Ok(Self { config, layout, vision_tower, projector, language_model, device: device.clone(), dtype })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `pixel_values` `[B, 3, H, W]` to image features `[B, 1 + h*w, d_model]`.
+    pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let features = self.vision_tower.forward(pixel_values)?;
+        self.projector.forward(&features)
+    }
+
+    /// Runs the BART encoder over `[image features ; prompt embeddings]` for every image;
+    /// all images share the prompt `prompt_ids` (with `<s>`/`</s>`).
+    pub fn encode(&self, image_features: &Tensor, prompt_ids: &[u32]) -> Result<Tensor> {
+        let b = image_features.dim(0)?;
+        let (_, n_img, _) = image_features.dims3()?;
+        let max = self.config.text.max_position_embeddings;
+        if n_img + prompt_ids.len() > max {
+            return Err(Error::usage(format!(
+                "the prompt is too long: {} image tokens + {} text tokens exceed the model's {max} positions",
+                n_img,
+                prompt_ids.len()
+            )));
+        }
+        let ids = Tensor::new(prompt_ids, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let text = self.language_model.embed_prompt(&ids)?.to_dtype(image_features.dtype())?;
+        let inputs = Tensor::cat(&[image_features, &text], 1)?;
+        self.language_model.encoder.forward(&inputs)
+    }
+
+    /// Starts incremental decoding over `memory` `[images, L, d]` with `rows_per_image` beams each.
+    pub fn decoder(&self, memory: &Tensor, rows_per_image: usize) -> Result<IncrementalDecoder<'_>> {
+        let state = self.language_model.decoder.start(memory, rows_per_image)?;
+        Ok(IncrementalDecoder { model: self, state })
+    }
+
+    /// Decoder positions available to generation.
+    pub fn max_decoder_positions(&self) -> usize {
+        self.language_model.decoder.max_positions()
+    }
+}
+
+/// A generation in progress: the model and its decoder caches.
+pub struct IncrementalDecoder<'a> {
+    model: &'a Florence2,
+    state: DecoderState,
+}
+
+impl IncrementalDecoder<'_> {
+    /// Next-token logits `[rows, vocab]` after feeding one token per row.
+    pub fn step_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.model.language_model.decoder.step(tokens, &mut self.state)
+    }
+}
+
+impl StepDecoder for IncrementalDecoder<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.step_logits(tokens)?.to_vec2::<f32>()?)
+    }
+
+    fn reorder(&mut self, order: &[u32]) -> Result<()> {
+        let idx = Tensor::new(order, &self.model.device)?;
+        self.state.reorder(&idx)
+    }
+}

@@ -1,0 +1,245 @@
+//! DaViT, the dual-attention vision transformer of Florence-2 (spec §3).
+//!
+//! Between stages the feature map is NCHW for the patch-embedding convolutions; inside a stage
+//! it is kept channel-last, `[B, H, W, C]`, which is both the token layout the attention layers
+//! want and the layout the depthwise kernel runs fastest on.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::VisionConfig;
+use crate::error::Result;
+use crate::nn::{attention, gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear};
+
+/// The patch-embedding convolution that opens each stage (`convs.{i}`).
+#[derive(Debug, Clone)]
+struct ConvEmbed {
+    conv: candle_nn::Conv2d,
+    norm: LayerNorm,
+    pre_norm: bool,
+}
+
+impl ConvEmbed {
+    fn new(cfg: &VisionConfig, i: usize, vb: VarBuilder) -> Result<Self> {
+        let in_ch = if i == 0 { 3 } else { cfg.dim_embed[i - 1] };
+        let out_ch = cfg.dim_embed[i];
+        let conv_cfg = candle_nn::Conv2dConfig {
+            padding: cfg.patch_padding[i],
+            stride: cfg.patch_stride[i],
+            ..Default::default()
+        };
+        let conv = candle_nn::conv2d(in_ch, out_ch, cfg.patch_size[i], conv_cfg, vb.pp("proj"))?;
+        let pre_norm = cfg.patch_prenorm[i];
+        let norm = LayerNorm::new(if pre_norm { in_ch } else { out_ch }, vb.pp("norm"))?;
+        Ok(Self { conv, norm, pre_norm })
+    }
+
+    /// NCHW (first stage) or `[B, H, W, C]` (later stages) in, `[B, H', W', C']` out.
+    fn forward(&self, x: &Tensor, channel_last: bool) -> Result<Tensor> {
+        let nchw = if channel_last {
+            let x = if self.pre_norm { self.norm.forward(x)? } else { x.clone() };
+            x.permute((0, 3, 1, 2))?.contiguous()?
+        } else {
+            x.clone()
+        };
+        let y = self.conv.forward(&nchw)?.permute((0, 2, 3, 1))?.contiguous()?;
+        if self.pre_norm {
+            Ok(y)
+        } else {
+            self.norm.forward(&y)
+        }
+    }
+}
+
+/// `fc1 -> GELU -> fc2`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { fc1: Linear::new(dim, 4 * dim, vb.pp("fc1"))?, fc2: Linear::new(4 * dim, dim, vb.pp("fc2"))? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// Multi-head self-attention inside non-overlapping windows, without position bias.
+#[derive(Debug, Clone)]
+struct WindowAttention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    window: usize,
+}
+
+impl WindowAttention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let ws = self.window;
+        let (pad_b, pad_r) = ((ws - h % ws) % ws, (ws - w % ws) % ws);
+        let x = if pad_b > 0 || pad_r > 0 {
+            x.pad_with_zeros(1, 0, pad_b)?.pad_with_zeros(2, 0, pad_r)?
+        } else {
+            x.clone()
+        };
+        let (hp, wp) = (h + pad_b, w + pad_r);
+        let (nh, nw) = (hp / ws, wp / ws);
+        let windows = x
+            .reshape((b, nh, ws, nw, ws, c))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b * nh * nw, ws * ws, c))?;
+        let n = b * nh * nw;
+        let hd = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(&windows)?
+            .reshape((n, ws * ws, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let y = attention(&q, &k, &v, None)?.transpose(1, 2)?.reshape((n, ws * ws, c))?;
+        let y = self.proj.forward(&y)?;
+        let y = y
+            .reshape((b, nh, nw, ws, ws, c))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b, hp, wp, c))?;
+        if pad_b > 0 || pad_r > 0 {
+            Ok(y.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()?)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// Attention across channel groups: each group's channels attend to each other over all tokens.
+#[derive(Debug, Clone)]
+struct ChannelAttention {
+    qkv: Linear,
+    proj: Linear,
+    groups: usize,
+}
+
+impl ChannelAttention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let n = h * w;
+        let cg = c / self.groups;
+        let qkv = self
+            .qkv
+            .forward(&x.reshape((b, n, c))?)?
+            .reshape((b, n, 3, self.groups, cg))?
+            .permute((2, 0, 3, 1, 4))?;
+        // The scale is the token count, not the head width (spec §3.4).
+        let q = (qkv.get(0)?.contiguous()? * (n as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = softmax(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?; // [B, G, Cg, Cg]
+        let y = attn.matmul(&v.transpose(2, 3)?.contiguous()?)?; // [B, G, Cg, N]
+        let y = y.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, n, c))?;
+        self.proj.forward(&y)?.reshape((b, h, w, c)).map_err(Into::into)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Mixer {
+    Window(WindowAttention),
+    Channel(ChannelAttention),
+}
+
+/// One spatial or channel block: `conv1`, attention, `conv2`, MLP, each with a residual.
+#[derive(Debug, Clone)]
+struct DualBlock {
+    conv1: DepthwiseConv3x3Residual,
+    norm1: LayerNorm,
+    mixer: Mixer,
+    conv2: DepthwiseConv3x3Residual,
+    norm2: LayerNorm,
+    ffn: Mlp,
+}
+
+impl DualBlock {
+    fn new(dim: usize, mixer_name: &str, mixer_of: impl FnOnce(Linear, Linear) -> Mixer, vb: VarBuilder) -> Result<Self> {
+        let attn = vb.pp(mixer_name);
+        let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"))?;
+        let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"))?;
+        Ok(Self {
+            conv1: DepthwiseConv3x3Residual::new(dim, vb.pp("conv1").pp("fn").pp("dw"))?,
+            norm1: LayerNorm::new(dim, attn.pp("norm"))?,
+            mixer: mixer_of(qkv, proj),
+            conv2: DepthwiseConv3x3Residual::new(dim, vb.pp("conv2").pp("fn").pp("dw"))?,
+            norm2: LayerNorm::new(dim, vb.pp("ffn").pp("norm"))?,
+            ffn: Mlp::new(dim, vb.pp("ffn").pp("fn").pp("net"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.conv1.forward(x)?;
+        let normed = self.norm1.forward(&x)?;
+        let mixed = match &self.mixer {
+            Mixer::Window(a) => a.forward(&normed)?,
+            Mixer::Channel(a) => a.forward(&normed)?,
+        };
+        let x = self.conv2.forward(&(x + mixed)?)?;
+        let y = self.ffn.forward(&self.norm2.forward(&x)?)?;
+        Ok((x + y)?)
+    }
+}
+
+/// The DaViT backbone (`vision_tower`), without its classification head.
+#[derive(Debug, Clone)]
+pub struct DaViT {
+    convs: Vec<ConvEmbed>,
+    /// Per stage, the (spatial, channel) block pairs in order.
+    blocks: Vec<Vec<(DualBlock, DualBlock)>>,
+}
+
+impl DaViT {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let mut convs = Vec::new();
+        let mut blocks = Vec::new();
+        for i in 0..cfg.dim_embed.len() {
+            convs.push(ConvEmbed::new(cfg, i, vb.pp("convs").pp(i))?);
+            let dim = cfg.dim_embed[i];
+            let stage = vb.pp("blocks").pp(i);
+            let mut pairs = Vec::new();
+            for j in 0..cfg.depths[i] {
+                let vb = stage.pp(j);
+                let (heads, groups, window) = (cfg.num_heads[i], cfg.num_groups[i], cfg.window_size);
+                let spatial = DualBlock::new(
+                    dim,
+                    "window_attn",
+                    |qkv, proj| Mixer::Window(WindowAttention { qkv, proj, heads, window }),
+                    vb.pp("spatial_block"),
+                )?;
+                let channel = DualBlock::new(
+                    dim,
+                    "channel_attn",
+                    |qkv, proj| Mixer::Channel(ChannelAttention { qkv, proj, groups }),
+                    vb.pp("channel_block"),
+                )?;
+                pairs.push((spatial, channel));
+            }
+            blocks.push(pairs);
+        }
+        Ok(Self { convs, blocks })
+    }
+
+    /// `pixel_values` `[B, 3, H, W]` to the last stage's feature map, channel-last `[B, h, w, C]`.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut x = pixel_values.clone();
+        for (i, (conv, stage)) in self.convs.iter().zip(&self.blocks).enumerate() {
+            x = conv.forward(&x, i > 0)?;
+            for (spatial, channel) in stage {
+                x = channel.forward(&spatial.forward(&x)?)?;
+            }
+        }
+        Ok(x)
+    }
+}
