@@ -18,15 +18,15 @@ struct PositionEmbedding2D {
 impl PositionEmbedding2D {
     fn new(max_pos: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            row_embeddings: candle_nn::embedding(max_pos, dim - dim / 2, vb.pp("row_embeddings"))?,
-            column_embeddings: candle_nn::embedding(max_pos, dim / 2, vb.pp("column_embeddings"))?,
+            row_embeddings: candle_nn::embedding(max_pos, dim / 2, vb.pp("row_embeddings"))?,
+            column_embeddings: candle_nn::embedding(max_pos, dim - dim / 2, vb.pp("column_embeddings"))?,
         })
     }
 
-    /// `[h, w, dim]` table.
+    /// `[h, w, dim]` table: column embedding of `w`, then row embedding of `h`.
     fn table(&self, h: usize, w: usize, dev: &Device) -> Result<Tensor> {
-        let cols = self.column_embeddings.embeddings().narrow(0, 0, w)?; // [w, d/2]
-        let rows = self.row_embeddings.embeddings().narrow(0, 0, h)?; // [h, d - d/2]
+        let cols = self.column_embeddings.embeddings().narrow(0, 0, w)?;
+        let rows = self.row_embeddings.embeddings().narrow(0, 0, h)?;
         let cols = cols.unsqueeze(0)?.broadcast_as((h, w, cols.dim(1)?))?;
         let rows = rows.unsqueeze(1)?.broadcast_as((h, w, rows.dim(1)?))?;
         Ok(Tensor::cat(&[cols, rows], D::Minus1)?.to_device(dev)?)
@@ -73,13 +73,8 @@ impl ImageProjector {
     /// `features` `[B, h, w, C]` (channel-last) to `[B, 1 + h*w, d_model]`, the mean-pooled token first.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = features.dims4()?;
-        if h != w {
-            return Err(Error::usage(format!(
-                "the vision encoder produced a {h}x{w} feature map; Florence-2 supports only square \
-                 maps (use a square image size in preprocessor_config.json)"
-            )));
-        }
-        if h > self.max_pos {
+        // Non-square maps follow the native implementation (the remote code only allows squares).
+        if h.max(w) > self.max_pos {
             return Err(Error::usage(format!(
                 "the {h}x{w} feature map exceeds the {} learned image positions; use a smaller image size",
                 self.max_pos

@@ -1,0 +1,71 @@
+//! Helpers shared by the integration tests: the committed fixtures (written by
+//! `tools/reference/make_fixtures.py` from transformers' outputs) and the shared test data.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// `crates/florence/tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `../shared/testdata` beside the repository. Panics with a clear message when it is absent:
+/// the tests that need it must not pass without it.
+pub fn shared_testdata() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: parity tests need the shared test data (tokenizer, test vectors) beside the repository",
+        dir.display()
+    );
+    dir.canonicalize().unwrap()
+}
+
+/// The fixture names, from `tests/fixtures/models/*.cases.json`.
+pub fn model_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures().join("models"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".cases.json").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no fixture models: run tools/reference/make_fixtures.py");
+    names
+}
+
+pub fn cases(name: &str) -> Value {
+    let p = fixtures().join("models").join(format!("{name}.cases.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// A complete model directory for fixture `name`: its committed config and weights plus the
+/// tokenizer files the fixture names, taken from the shared test data.
+pub fn model_dir(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new().prefix("florence-fixture-").tempdir().unwrap();
+    let src = fixtures().join("models").join(name);
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let shared = shared_testdata();
+    let files: &[(&str, &str)] = match cases(name)["tokenizer"].as_str().unwrap() {
+        // Microsoft's tokenizer.json lacks the Florence tokens: the loader must add them.
+        "microsoft-florence-2-large" => &[("microsoft-florence-2-large", "tokenizer.json")],
+        "tokenizer-florence" => &[("tokenizer-florence", "tokenizer.json")],
+        "vocab-merges" => &[("tokenizer-florence", "vocab.json"), ("tokenizer-florence", "merges.txt")],
+        other => panic!("unknown tokenizer kind {other}"),
+    };
+    for (dir, file) in files {
+        std::fs::copy(shared.join(dir).join(file), tmp.path().join(file)).unwrap();
+    }
+    tmp
+}
+
+pub fn image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}

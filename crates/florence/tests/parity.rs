@@ -1,0 +1,129 @@
+//! Parity with transformers 5.24 (native Florence-2) on the committed random-weight fixtures:
+//! pixel values exactly, image features / encoder output / first-step logits within 1e-4, and
+//! generated ids and decoded strings identical, for beam search, greedy search and batches.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use florence::generation::EarlyStopping;
+use florence::{Florence, GenerationConfig, LoadOptions, Task};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn generation_config(base: &GenerationConfig, g: &Value) -> GenerationConfig {
+    let mut cfg = base.clone();
+    let u = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    cfg.num_beams = u("num_beams").unwrap();
+    cfg.max_new_tokens = u("max_new_tokens").unwrap();
+    cfg.min_new_tokens = u("min_new_tokens").unwrap_or(0);
+    cfg.no_repeat_ngram_size = u("no_repeat_ngram_size").unwrap_or(0);
+    cfg.forced_bos_token_id = g.get("forced_bos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+    cfg.forced_eos_token_id = g.get("forced_eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+    cfg.length_penalty = g.get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0);
+    cfg.early_stopping = match g.get("early_stopping").and_then(Value::as_bool) {
+        Some(true) => EarlyStopping::Finished,
+        _ => EarlyStopping::Heuristic,
+    };
+    assert_eq!(g["do_sample"], Value::Bool(false));
+    cfg.sampling = None;
+    cfg
+}
+
+#[test]
+fn pixel_values_equal_the_reference_at_768() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("pixels_768.json")).unwrap()).unwrap();
+    let cfg = florence::PreprocessorConfig::from_file(
+        &common::shared_testdata().join("microsoft-florence-2-large/preprocessor_config.json"),
+    )
+    .unwrap();
+    let proc = florence::ImageProcessor::new(cfg);
+    let hashes = expected["sha256"].as_object().unwrap();
+    assert!(hashes.len() >= 5);
+    for (name, hash) in hashes {
+        let img = florence::preprocess::load_image(&common::image(name)).unwrap();
+        let bytes: Vec<u8> = proc.pixel_values(&img).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let got = format!("{:x}", Sha256::digest(&bytes));
+        assert_eq!(&got, hash.as_str().unwrap(), "{name}: 768x768 pixel values differ from transformers' PIL path");
+    }
+}
+
+#[test]
+fn tensors_match_the_reference() {
+    for name in common::model_names() {
+        let dir = common::model_dir(&name);
+        let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
+        let expected = candle_core::safetensors::load(
+            common::fixtures().join("models").join(format!("{name}.expected.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let prompt = model.tokenizer.encode(&Task::new("<CAPTION>", None).unwrap().prompt).unwrap();
+        let images: Vec<String> = common::cases(&name)["cases"][0]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(common::cases(&name)["cases"].as_array().unwrap().iter().flat_map(|c| c["images"].as_array().unwrap()))
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for img_name in images {
+            let img = florence::preprocess::load_image(&common::image(&img_name)).unwrap();
+            let pv = model.pixel_values(&[img]).unwrap();
+            let get = |k: &str| expected.get(&format!("{img_name}/{k}")).unwrap_or_else(|| panic!("{name}: no {k}")).clone();
+            assert_eq!(max_abs_diff(&pv.squeeze(0).unwrap(), &get("pixel_values")), 0.0, "{name}/{img_name}: pixel values");
+            let feats = model.model.encode_image(&pv).unwrap();
+            let d = max_abs_diff(&feats.squeeze(0).unwrap(), &get("image_features"));
+            assert!(d < 1e-4, "{name}/{img_name}: image features differ by {d}");
+            let memory = model.model.encode(&feats, &prompt).unwrap();
+            let d = max_abs_diff(&memory.squeeze(0).unwrap(), &get("encoder_output"));
+            assert!(d < 1e-4, "{name}/{img_name}: encoder output differs by {d}");
+            let mut dec = model.model.decoder(&memory, 1).unwrap();
+            let logits = dec.step_logits(&[2]).unwrap();
+            let d = max_abs_diff(&logits.squeeze(0).unwrap(), &get("first_logits"));
+            assert!(d < 1e-4, "{name}/{img_name}: first-step logits differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn generated_tokens_equal_the_reference() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in common::model_names() {
+        let dir = common::model_dir(&name);
+        let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
+        for case in common::cases(&name)["cases"].as_array().unwrap() {
+            let task = Task::new(case["task"].as_str().unwrap(), case["text_input"].as_str()).unwrap();
+            let gen = generation_config(model.generation_config(), &case["generation"]);
+            let images: Vec<_> = case["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| florence::preprocess::load_image(&common::image(i.as_str().unwrap())).unwrap())
+                .collect();
+            let outputs = model.run(&images, &task, &gen).unwrap();
+            for (i, out) in outputs.iter().enumerate() {
+                let want: Vec<u32> =
+                    case["ids"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                checked += 1;
+                if out.ids != want {
+                    failures.push(format!(
+                        "{name} {} {} image {i}:\n  ours {:?}\n  want {want:?}",
+                        case["task"], case["generation"], out.ids
+                    ));
+                } else if out.raw != case["raw"][i].as_str().unwrap() {
+                    failures.push(format!("{name} {}: raw {:?} != {:?}", case["task"], out.raw, case["raw"][i]));
+                }
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} generations checked");
+    assert!(failures.is_empty(), "{} of {checked} generations differ:\n{}", failures.len(), failures.join("\n"));
+}
