@@ -23,7 +23,7 @@ pub enum Error {
     Usage(String),
     /// A tensor operation failed; this indicates a bug or an unsupported model shape.
     #[error("tensor error: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
     /// The tokenizer could not be loaded or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -33,6 +33,18 @@ fn file_prefix(file: &Option<PathBuf>) -> String {
     match file {
         Some(p) => format!("{}: ", p.display()),
         None => String::new(),
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps candle's message but drops the backtrace it attaches when `RUST_BACKTRACE` is set,
+    /// so errors stay on one line.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Tensor(e)
     }
 }
 

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 /// `crates/florence/tests/fixtures`.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    // Relative to either crate of the workspace, so the CLI tests can share these helpers.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../florence/tests/fixtures")
 }
 
 /// `../shared/testdata` beside the repository. Panics with a clear message when it is absent:
