@@ -30,6 +30,8 @@ pub struct VisionConfig {
     pub patch_prenorm: Vec<bool>,
     /// Side of the square attention windows.
     pub window_size: usize,
+    /// Hidden width of the MLPs as a multiple of the stage width.
+    pub mlp_ratio: f64,
     /// Width of the projected image features (the language model's `d_model`).
     pub projection_dim: usize,
     /// Rows of the learned 2D position tables.
@@ -154,6 +156,8 @@ struct RawVisionConfig {
     patch_prenorm: Vec<bool>,
     #[serde(default = "d_window")]
     window_size: usize,
+    #[serde(default = "d_mlp_ratio")]
+    mlp_ratio: f64,
     projection_dim: Option<usize>,
     image_pos_embed: Option<RawPosEmbed>,
     visual_temporal_embedding: Option<RawTemporalEmbed>,
@@ -191,6 +195,9 @@ fn d_prenorm() -> Vec<bool> {
 }
 fn d_window() -> usize {
     12
+}
+fn d_mlp_ratio() -> f64 {
+    4.0
 }
 
 impl Florence2Config {
@@ -234,6 +241,7 @@ impl Florence2Config {
             patch_padding: v.patch_padding,
             patch_prenorm: v.patch_prenorm,
             window_size: v.window_size,
+            mlp_ratio: v.mlp_ratio,
             projection_dim,
             max_pos_embeddings: v
                 .image_pos_embed

@@ -314,7 +314,7 @@ impl BartLanguageModel {
         let vb = root.pp("language_model").pp("model");
         let shared = vb.get_unchecked("shared.weight")?;
         let (vocab, d) = shared.dims2()?;
-        if d != cfg.d_model || vocab < cfg.vocab_size.min(vocab) {
+        if d != cfg.d_model {
             return Err(crate::Error::config(format!(
                 "token embeddings are {vocab}x{d} but text_config.d_model is {}",
                 cfg.d_model
@@ -327,10 +327,14 @@ impl BartLanguageModel {
         })
     }
 
-    /// Embeds prompt token ids `[B, T]` with the shared (unscaled) embeddings, as Florence-2 does.
+    /// Embeds prompt token ids `[B, T]` with the shared embeddings, scaled by `sqrt(d_model)`
+    /// when `scale_embedding` is set, as transformers' `BartScaledWordEmbedding` does.
     pub fn embed_prompt(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let flat = self.shared.index_select(&ids.flatten_all()?, 0)?;
+        let mut flat = self.shared.index_select(&ids.flatten_all()?, 0)?;
+        if self.decoder.embed_scale != 1.0 {
+            flat = (flat * self.decoder.embed_scale)?;
+        }
         Ok(flat.reshape((b, t, self.shared.dim(1)?))?)
     }
 }

@@ -7,17 +7,18 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
-/// `nn.Linear` with a bias, applied to the last dimension of any-rank input.
+/// `nn.Linear`, applied to the last dimension of any-rank input. The bias is used when the
+/// checkpoint has one (DaViT's `qkv_bias = false` configs have none).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight_t: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = vb.get(out_dim, "bias")?;
+        let bias = if vb.contains_tensor("bias") { Some(vb.get(out_dim, "bias")?) } else { None };
         // Stored transposed once so each forward is a plain row-major GEMM.
         Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
     }
@@ -26,9 +27,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        let mut y = x.reshape((rows, in_dim))?.matmul(&self.weight_t)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.bias.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.weight_t.dim(1)?;
         Ok(y.reshape(out_dims)?)
     }
 }

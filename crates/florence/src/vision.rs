@@ -59,8 +59,8 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: Linear::new(dim, 4 * dim, vb.pp("fc1"))?, fc2: Linear::new(4 * dim, dim, vb.pp("fc2"))? })
+    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { fc1: Linear::new(dim, hidden, vb.pp("fc1"))?, fc2: Linear::new(hidden, dim, vb.pp("fc2"))? })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
@@ -165,7 +165,13 @@ struct DualBlock {
 }
 
 impl DualBlock {
-    fn new(dim: usize, mixer_name: &str, mixer_of: impl FnOnce(Linear, Linear) -> Mixer, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        dim: usize,
+        mlp_hidden: usize,
+        mixer_name: &str,
+        mixer_of: impl FnOnce(Linear, Linear) -> Mixer,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let attn = vb.pp(mixer_name);
         let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"))?;
         let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"))?;
@@ -175,7 +181,7 @@ impl DualBlock {
             mixer: mixer_of(qkv, proj),
             conv2: DepthwiseConv3x3Residual::new(dim, vb.pp("conv2").pp("fn").pp("dw"))?,
             norm2: LayerNorm::new(dim, vb.pp("ffn").pp("norm"))?,
-            ffn: Mlp::new(dim, vb.pp("ffn").pp("fn").pp("net"))?,
+            ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"))?,
         })
     }
 
@@ -207,6 +213,7 @@ impl DaViT {
         for i in 0..cfg.dim_embed.len() {
             convs.push(ConvEmbed::new(cfg, i, vb.pp("convs").pp(i))?);
             let dim = cfg.dim_embed[i];
+            let mlp_hidden = (dim as f64 * cfg.mlp_ratio) as usize;
             let stage = vb.pp("blocks").pp(i);
             let mut pairs = Vec::new();
             for j in 0..cfg.depths[i] {
@@ -214,12 +221,14 @@ impl DaViT {
                 let (heads, groups, window) = (cfg.num_heads[i], cfg.num_groups[i], cfg.window_size);
                 let spatial = DualBlock::new(
                     dim,
+                    mlp_hidden,
                     "window_attn",
                     |qkv, proj| Mixer::Window(WindowAttention { qkv, proj, heads, window }),
                     vb.pp("spatial_block"),
                 )?;
                 let channel = DualBlock::new(
                     dim,
+                    mlp_hidden,
                     "channel_attn",
                     |qkv, proj| Mixer::Channel(ChannelAttention { qkv, proj, groups }),
                     vb.pp("channel_block"),
