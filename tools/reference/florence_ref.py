@@ -160,18 +160,22 @@ def remote_config(vision, text, image_size):
 
 
 def preprocessor_config(size):
+    """`size` is a side, or `(width, height)`."""
+    w, h = size if isinstance(size, tuple) else (size, size)
     return {
         "do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "do_center_crop": False, "image_processor_type": "CLIPImageProcessor",
         "image_mean": MEAN, "image_std": STD, "processor_class": "Florence2Processor", "resample": 3,
-        "size": {"height": size, "width": size}, "crop_size": {"height": size, "width": size},
+        "size": {"height": h, "width": w}, "crop_size": {"height": h, "width": w},
     }
 
 
 def pixel_values(path, size):
     """transformers' PIL path: PIL convert('RGB'), PIL bicubic resize of the uint8 image,
-    f64 rescale narrowed to f32, then (x - mean) / std in f32; channels first."""
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    f64 rescale narrowed to f32, then (x - mean) / std in f32; channels first.
+    `size` is a side, or `(width, height)`."""
+    w, h = size if isinstance(size, tuple) else (size, size)
+    img = Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC)
     x = (np.asarray(img).astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(MEAN, dtype=np.float32)) / np.array(STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
@@ -181,7 +185,8 @@ def check_against_transformers_processor(path, size):
     """Asserts that `pixel_values` equals transformers' own PIL image processor."""
     from transformers import CLIPImageProcessorPil
 
-    proc = CLIPImageProcessorPil(size={"height": size, "width": size}, resample=3, do_center_crop=False,
+    w, h = size if isinstance(size, tuple) else (size, size)
+    proc = CLIPImageProcessorPil(size={"height": h, "width": w}, resample=3, do_center_crop=False,
                                  image_mean=MEAN, image_std=STD)
     ref = proc(Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
     ours = pixel_values(path, size)

@@ -77,6 +77,18 @@ MODELS = {
                   vocab_size=51328),
         images=["gradient_rgba.png", "gray16.png"],
     ),
+    # Config options no published checkpoint uses but the configs allow: no qkv bias, MLP ratio 2,
+    # scaled embeddings, and a non-square 72x56 input (18x14 .. 3x2 feature maps).
+    "native_variant_f16": dict(
+        layout="native", storage="safetensors", dtype=torch.float16, image_size=(72, 56), seed=5,
+        tokenizer="tokenizer-florence",
+        vision=dict(embed_dim=[8, 8, 16, 16], num_heads=[2, 2, 2, 4], num_groups=[1, 2, 4, 4],
+                    depths=[1, 1, 1, 1], window_size=4, projection_dim=8, qkv_bias=False, mlp_ratio=2.0),
+        text=dict(d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=64,
+                  vocab_size=51328, scale_embedding=True),
+        images=["noise_rgb.png", "gray8.png"],
+    ),
 }
 
 
@@ -208,7 +220,7 @@ def main():
             case("<CAPTION>", [first], max_new_tokens=24, **heuristic)
             case("<CAPTION>", [first], max_new_tokens=24, **dict(beam, length_penalty=-0.5, num_beams=2))
         ref.write_json(os.path.join(out, "models", name + ".cases.json"),
-                       dict(layout=spec["layout"], tokenizer=spec["tokenizer"], image_size=size, cases=cases))
+                       dict(layout=spec["layout"], tokenizer=spec["tokenizer"], cases=cases))
         print(f"{name}: {len(cases)} cases, ids e.g. {cases[0]['ids'][0][:12]}")
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     print(f"fixtures: {total / 1e6:.1f} MB in {out}")
