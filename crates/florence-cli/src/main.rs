@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use florence::{Florence, GenerationConfig, LoadOptions, SamplingConfig, Task};
 use serde_json::json;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "florence", version, about = "Caption, detect and ground with Florence-2 models, token for token like transformers")]
 struct Cli {
@@ -24,6 +26,19 @@ enum Command {
   florence caption --model ./Florence-2-base --task '<CAPTION_TO_PHRASE_GROUNDING>' --text-input 'a green car' car.jpg
   florence caption --model ./Florence-2-base --do-sample --temperature 0.7 --top-p 0.9 --seed 42 photo.jpg")]
     Caption(CaptionArgs),
+    /// Time each stage of a generation (image decode, preprocessing, vision tower, projector,
+    /// text encoder, decoder steps, search) and report peak memory.
+    #[command(after_help = "Example:\n  florence bench --model ./Florence-2-base --threads 2 --num-beams 3 --new-tokens 64 photo.jpg")]
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct BenchCommand {
+    #[command(flatten)]
+    args: bench::BenchArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -176,26 +191,30 @@ fn caption(a: CaptionArgs) -> Result<bool, florence::Error> {
     Ok(all_ok)
 }
 
+/// Sets the worker-thread count before any thread pool starts.
+fn set_threads(n: Option<usize>) -> Result<(), florence::Error> {
+    if let Some(n) = n {
+        if n == 0 {
+            return Err(florence::Error::Usage("--threads must be at least 1".into()));
+        }
+        // Read by rayon and candle when their thread pools start, i.e. after this.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Caption(a) => {
-            if let Some(n) = a.threads {
-                if n == 0 {
-                    eprintln!("error: --threads must be at least 1");
-                    return ExitCode::from(2);
-                }
-                // Read by rayon and candle when their thread pools start, i.e. after this.
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
-            match caption(a) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
+    let result = match cli.command {
+        Command::Caption(a) => set_threads(a.threads).and_then(|_| caption(a)),
+        Command::Bench(b) => set_threads(b.threads).and_then(|_| bench::bench(b.args)).map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

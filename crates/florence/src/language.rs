@@ -201,8 +201,8 @@ pub struct BartDecoder {
     embed_positions: Embedding,
     layernorm_embedding: LayerNorm,
     layers: Vec<DecoderLayer>,
-    lm_head_t: Tensor,
-    final_logits_bias: Option<Tensor>,
+    /// The (tied) output projection, with `final_logits_bias` as its bias when present.
+    lm_head: Linear,
     max_positions: usize,
 }
 
@@ -250,15 +250,14 @@ impl BartDecoder {
             layers: (0..cfg.decoder_layers)
                 .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
                 .collect::<Result<_>>()?,
-            lm_head_t: lm_head.t()?.contiguous()?,
-            final_logits_bias,
+            lm_head: Linear::from_weights(lm_head, final_logits_bias),
             max_positions: cfg.max_position_embeddings,
         })
     }
 
     /// Rows of the output vocabulary (including any padding rows of native checkpoints).
     pub fn vocab_size(&self) -> usize {
-        self.lm_head_t.dim(1).expect("2-D lm_head")
+        self.lm_head.out_dim()
     }
 
     /// The most decoder positions a generation can use.
@@ -291,12 +290,7 @@ impl BartDecoder {
             x = layer.step(&x, ls, state.rows_per_image)?;
         }
         state.position += 1;
-        let logits = x.squeeze(1)?.matmul(&self.lm_head_t)?;
-        let logits = match &self.final_logits_bias {
-            Some(b) => logits.broadcast_add(b)?,
-            None => logits,
-        };
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x.squeeze(1)?)?.to_dtype(DType::F32)?)
     }
 }
 

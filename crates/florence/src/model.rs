@@ -54,8 +54,17 @@ impl Florence2 {
 
     /// `pixel_values` `[B, 3, H, W]` to image features `[B, 1 + h*w, d_model]`.
     pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let features = self.vision_tower.forward(pixel_values)?;
-        self.projector.forward(&features)
+        self.project(&self.vision_features(pixel_values)?)
+    }
+
+    /// DaViT's last feature map, channel-last `[B, h, w, C]`.
+    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_tower.forward(pixel_values)
+    }
+
+    /// Projects a DaViT feature map into language-model embeddings `[B, 1 + h*w, d_model]`.
+    pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        self.projector.forward(features)
     }
 
     /// Runs the BART encoder over `[image features ; prompt embeddings]` for every image;

@@ -1,0 +1,136 @@
+//! `florence bench`: times each stage of one generation and reports peak memory.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use florence::generation::{generate, StepDecoder};
+use florence::{Florence, LoadOptions, Task};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Image to caption (decoding and preprocessing are timed too).
+    image: PathBuf,
+    /// Task token or prompt.
+    #[arg(long, default_value = "<CAPTION>")]
+    task: String,
+    /// Beams of beam search.
+    #[arg(long, default_value_t = 3)]
+    num_beams: usize,
+    /// New tokens, forced (min = max), as in the reference benchmark.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Copies of the image per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Timed runs after one warm-up run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// Times each decoder step.
+struct TimedDecoder<'a, D: StepDecoder> {
+    inner: &'a mut D,
+    steps: Vec<Duration>,
+    reorders: Duration,
+}
+
+impl<D: StepDecoder> StepDecoder for TimedDecoder<'_, D> {
+    fn step(&mut self, tokens: &[u32]) -> florence::Result<Vec<Vec<f32>>> {
+        let t = Instant::now();
+        let r = self.inner.step(tokens);
+        self.steps.push(t.elapsed());
+        r
+    }
+    fn reorder(&mut self, order: &[u32]) -> florence::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.reorder(order);
+        self.reorders += t.elapsed();
+        r
+    }
+}
+
+/// Peak resident memory of this process (`VmHWM`), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn bench(a: BenchArgs) -> florence::Result<()> {
+    let t = Instant::now();
+    let model = Florence::load(&a.model, &LoadOptions::default())?;
+    let load = t.elapsed();
+    let task = Task::new(&a.task, None)?;
+    let mut gen = model.generation_config().clone();
+    gen.num_beams = a.num_beams;
+    gen.max_new_tokens = a.new_tokens;
+    gen.min_new_tokens = a.new_tokens;
+    gen.sampling = None;
+    gen.validate(model.model.max_decoder_positions())?;
+
+    let mut rows: Vec<[f64; 8]> = Vec::new();
+    for run in 0..=a.runs {
+        let t0 = Instant::now();
+        let img = florence::preprocess::load_image(&a.image)?;
+        let images = vec![img; a.batch_size];
+        let decode = t0.elapsed();
+        let t = Instant::now();
+        let pv = model.pixel_values(&images)?;
+        let preprocess = t.elapsed();
+        let t = Instant::now();
+        let feats = model.model.vision_features(&pv)?;
+        let vision = t.elapsed();
+        let t = Instant::now();
+        let projected = model.model.project(&feats)?;
+        let prompt = model.tokenizer.encode(&task.prompt)?;
+        let projector = t.elapsed();
+        let t = Instant::now();
+        let memory = model.model.encode(&projected, &prompt)?;
+        let encoder = t.elapsed();
+        let t = Instant::now();
+        let mut dec = model.model.decoder(&memory, gen.num_beams)?;
+        let mut timed = TimedDecoder { inner: &mut dec, steps: Vec::new(), reorders: Duration::ZERO };
+        let seqs = generate(&gen, images.len(), &mut timed)?;
+        let generation = t.elapsed();
+        let steps: Duration = timed.steps.iter().sum();
+        let search = generation - steps - timed.reorders;
+        let per_step = ms(steps) / timed.steps.len().max(1) as f64;
+        let total = t0.elapsed();
+        assert!(seqs.iter().all(|s| s.len() == a.new_tokens + 1));
+        if run == 0 {
+            println!("first run (cold)     {:9.1} ms  (vision {:.1} ms, decoder step {:.1} ms)", ms(total), ms(vision), per_step);
+        } else {
+            rows.push([ms(decode), ms(preprocess), ms(vision), ms(projector), ms(encoder), per_step, ms(search + timed.reorders), ms(total)]);
+        }
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("model load           {:9.1} ms", ms(load));
+    let names = ["image decode", "preprocess", "vision tower", "projector", "text encoder", "decoder step (mean)", "search + reorder", "end to end (no load)"];
+    for (i, n) in names.iter().enumerate() {
+        println!("{n:<20} {:9.1} ms", median(i));
+    }
+    println!(
+        "images/s             {:9.2}  ({} image(s), {} beams, {} new tokens, median of {} runs)",
+        a.batch_size as f64 / (median(7) / 1e3),
+        a.batch_size,
+        a.num_beams,
+        a.new_tokens,
+        rows.len()
+    );
+    if let Some(mb) = peak_rss_mb() {
+        println!("peak RSS             {mb:9.0} MB");
+    }
+    Ok(())
+}
