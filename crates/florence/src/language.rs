@@ -250,7 +250,7 @@ impl BartDecoder {
             layers: (0..cfg.decoder_layers)
                 .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
                 .collect::<Result<_>>()?,
-            lm_head: Linear::from_weights(lm_head, final_logits_bias),
+            lm_head: Linear::from_weights(lm_head, final_logits_bias)?,
             max_positions: cfg.max_position_embeddings,
         })
     }
