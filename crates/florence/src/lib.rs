@@ -21,6 +21,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dataset;
 pub mod error;
 pub mod generation;
 pub mod language;

@@ -20,15 +20,38 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
+/// How images are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Rotate/flip by the EXIF orientation tag (JPEG, TIFF, WebP, PNG), as photo viewers do.
+    /// transformers does not, so turn this off for bit-exact parity on rotated photos.
+    pub exif_orientation: bool,
+    /// Refuse images with more pixels than this (a guard against decompression bombs).
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        // Twice PIL's warning threshold, which is where PIL itself refuses to open an image.
+        Self { exif_orientation: true, max_pixels: 2 * 89_478_485 }
+    }
+}
+
 /// Decodes an image file (PNG, JPEG, WebP, GIF, BMP, TIFF; the format is read from the content)
-/// into RGB; animations give their first frame.
+/// into RGB with the default [`DecodeOptions`]; animations give their first frame.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
+    load_image_with(path, &DecodeOptions::default())
+}
+
+/// [`load_image`] with explicit options.
+pub fn load_image_with(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_image(&bytes).map_err(|message| Error::Image { path: path.to_path_buf(), message })
+    decode_image(&bytes, opts).map_err(|message| Error::Image { path: path.to_path_buf(), message })
 }
 
 /// Decodes image bytes into RGB.
-pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+pub fn decode_image(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<RgbImage, String> {
+    use image::ImageDecoder;
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
@@ -38,7 +61,22 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if reader.format().is_none() {
         return Err("not a recognized image format (PNG, JPEG, WebP, GIF, BMP or TIFF)".into());
     }
-    let img = reader.decode().map_err(|e| e.to_string())?;
+    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (w, h) = decoder.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > opts.max_pixels {
+        return Err(format!(
+            "{w}x{h} is {pixels} pixels, above the limit of {} (raise it with --max-pixels if the image is trusted)",
+            opts.max_pixels
+        ));
+    }
+    let orientation = if opts.exif_orientation {
+        decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms)
+    } else {
+        image::metadata::Orientation::NoTransforms
+    };
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    img.apply_orientation(orientation);
     Ok(to_rgb_like_pil(img))
 }
 
