@@ -259,13 +259,29 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         report_failure(&mut sink, &mut tally, &e.path, &e.reason, &hidden);
     }
     let mut work: Vec<(InputImage, Option<PathBuf>)> = Vec::new();
+    let mut claimed: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
     for img in images {
-        if let Some((i, n)) = a.shard {
-            if !dataset::in_shard(&img.path, i, n) {
+        let mine = a.shard.is_none_or(|(i, n)| dataset::in_shard(&img.path, i, n));
+        let sidecar = sink.sidecar_ext.as_ref().map(|ext| dataset::sidecar_path(&img, ext, a.output_dir.as_deref()));
+        if let Some(sc) = &sidecar {
+            // photo.jpg and photo.png would share photo.txt: the first in sorted order keeps it.
+            // Claims are made over the whole input, so every shard agrees on the owner.
+            if let Some(owner) = claimed.get(sc) {
+                if mine {
+                    let reason = format!(
+                        "its caption file {} is already the caption of {}; rename one of the two images",
+                        sc.display(),
+                        owner.display()
+                    );
+                    report_failure(&mut sink, &mut tally, &img.path, &reason, &hidden);
+                }
                 continue;
             }
+            claimed.insert(sc.clone(), img.path.clone());
         }
-        let sidecar = sink.sidecar_ext.as_ref().map(|ext| dataset::sidecar_path(&img, ext, a.output_dir.as_deref()));
+        if !mine {
+            continue;
+        }
         if let Some(sc) = &sidecar {
             let _ = std::fs::remove_file(dataset::temp_path(sc)); // left by a killed run
             if policy == Existing::Skip && sc.exists() {
@@ -287,24 +303,12 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         b
     };
     if !work.is_empty() {
-        bar.set_message("loading model");
-        let model = Florence::load(&a.model, &LoadOptions::default())?;
-        let gen = generation_config(&model, &a);
-        gen.validate(model.model.max_decoder_positions())?;
-        bar.set_message("");
-        let model_id = a.model.to_string_lossy().into_owned();
-        let gen_json = json!({
-            "num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens, "min_new_tokens": gen.min_new_tokens,
-            "no_repeat_ngram_size": gen.no_repeat_ngram_size, "do_sample": gen.sampling.is_some(),
-        });
-
         // Decode images on a worker thread while the model runs.
         let opts = DecodeOptions { exif_orientation: !a.no_exif_orientation, max_pixels: a.max_pixels };
         let (tx, rx) = sync_channel::<(InputImage, Option<PathBuf>, Result<RgbImage, String>)>(2 * a.batch_size);
-        let paths: Vec<(InputImage, Option<PathBuf>)> = work;
         let stop = interrupted.clone();
         let loader = std::thread::spawn(move || {
-            for (img, sidecar) in paths {
+            for (img, sidecar) in work {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -319,13 +323,23 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
             }
         });
 
+        // The model is loaded when the first image decodes: a run with nothing left to caption
+        // (a finished rerun, or only broken files) does no model work at all.
+        let mut engine: Option<(Florence, GenerationConfig, Value)> = None;
+        let model_id = a.model.to_string_lossy().into_owned();
+        let single_input = a.inputs.len() == 1 && a.files_from.is_none();
         let mut batch: Vec<(InputImage, Option<PathBuf>, RgbImage)> = Vec::with_capacity(a.batch_size);
-        let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, RgbImage)>, sink: &mut Sink, tally: &mut Tally| -> Result<(), Error> {
+        let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, RgbImage)>,
+                       engine: &Option<(Florence, GenerationConfig, Value)>,
+                       sink: &mut Sink,
+                       tally: &mut Tally|
+         -> Result<(), Error> {
+            let Some((model, gen, gen_json)) = engine else { return Ok(()) };
             if batch.is_empty() {
                 return Ok(());
             }
             let imgs: Vec<RgbImage> = batch.iter().map(|(_, _, i)| i.clone()).collect();
-            let results = model.run(&imgs, &task, &gen)?;
+            let results = model.run(&imgs, &task, gen)?;
             for ((img, sidecar, _), r) in batch.drain(..).zip(results) {
                 let caption = match &r.result {
                     Value::String(s) => s.clone(),
@@ -344,28 +358,43 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                 }
                 tally.captioned += 1;
                 bar.inc(1);
-                write_record(sink, &img, &task, &r, &caption, &model_id, &gen_json, a.inputs.len() == 1 && a.files_from.is_none())
+                write_record(sink, &img, &task, &r, &caption, &model_id, gen_json, single_input)
                     .map_err(|e| Error::Usage(format!("cannot write results: {e}")))?;
             }
             Ok(())
         };
         for (img, sidecar, decoded) in rx {
             match decoded {
-                Ok(rgb) => batch.push((img, sidecar, rgb)),
+                Ok(rgb) => {
+                    if engine.is_none() {
+                        bar.set_message("loading model");
+                        let model = Florence::load(&a.model, &LoadOptions::default())?;
+                        let gen = generation_config(&model, &a);
+                        gen.validate(model.model.max_decoder_positions())?;
+                        let gen_json = json!({
+                            "num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens,
+                            "min_new_tokens": gen.min_new_tokens, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
+                            "do_sample": gen.sampling.is_some(),
+                        });
+                        engine = Some((model, gen, gen_json));
+                        bar.set_message("");
+                    }
+                    batch.push((img, sidecar, rgb));
+                }
                 Err(reason) => {
                     report_failure(&mut sink, &mut tally, &img.path, &reason, &bar);
                     bar.inc(1);
                 }
             }
             if batch.len() == a.batch_size {
-                process(&mut batch, &mut sink, &mut tally)?;
+                process(&mut batch, &engine, &mut sink, &mut tally)?;
             }
             if interrupted.load(Ordering::Relaxed) {
                 break;
             }
         }
         if !interrupted.load(Ordering::Relaxed) {
-            process(&mut batch, &mut sink, &mut tally)?;
+            process(&mut batch, &engine, &mut sink, &mut tally)?;
         }
         let _ = loader.join();
     }

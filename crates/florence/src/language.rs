@@ -45,19 +45,25 @@ impl BartAttention {
         Ok(x.transpose(1, 2)?.reshape((b, l, self.heads * self.head_dim))?)
     }
 
-    fn scaled_query(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((self.q_proj.forward(x)? * (self.head_dim as f64).powf(-0.5))?)
+    fn scaled_query(&self, x: &Tensor, decode: bool) -> Result<Tensor> {
+        let q = if decode { self.q_proj.forward_decode(x)? } else { self.q_proj.forward(x)? };
+        Ok((q * (self.head_dim as f64).powf(-0.5))?)
     }
 
     /// Keys and values of `x`, split into heads.
-    fn key_values(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.split_heads(&self.k_proj.forward(x)?)?, self.split_heads(&self.v_proj.forward(x)?)?))
+    fn key_values(&self, x: &Tensor, decode: bool) -> Result<(Tensor, Tensor)> {
+        let (k, v) = if decode {
+            (self.k_proj.forward_decode(x)?, self.v_proj.forward_decode(x)?)
+        } else {
+            (self.k_proj.forward(x)?, self.v_proj.forward(x)?)
+        };
+        Ok((self.split_heads(&k)?, self.split_heads(&v)?))
     }
 
     /// Unmasked self-attention over the whole sequence (the encoder).
     fn forward_full(&self, x: &Tensor) -> Result<Tensor> {
-        let q = self.split_heads(&self.scaled_query(x)?)?;
-        let (k, v) = self.key_values(x)?;
+        let q = self.split_heads(&self.scaled_query(x, false)?)?;
+        let (k, v) = self.key_values(x, false)?;
         self.out_proj.forward(&self.merge_heads(&attention(&q, &k, &v, None)?)?)
     }
 }
@@ -164,13 +170,13 @@ impl DecoderLayer {
     /// One new token per row: `x` `[rows, 1, d]`, rows grouped by image (`rows_per_image` each).
     fn step(&self, x: &Tensor, state: &mut LayerState, rows_per_image: usize) -> Result<Tensor> {
         let sa = &self.self_attn;
-        let q = sa.split_heads(&sa.scaled_query(x)?)?;
-        let (k, v) = sa.key_values(x)?;
+        let q = sa.split_heads(&sa.scaled_query(x, true)?)?;
+        let (k, v) = sa.key_values(x, true)?;
         let (k, v) = match state.self_kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
             None => (k, v),
         };
-        let y = sa.out_proj.forward(&sa.merge_heads(&attention(&q, &k, &v, None)?)?)?;
+        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v, None)?)?)?;
         state.self_kv = Some((k, v));
         let x = self.self_attn_layer_norm.forward(&(x + y)?)?;
 
@@ -180,15 +186,15 @@ impl DecoderLayer {
         let (rows, _, d) = x.dims3()?;
         let images = rows / rows_per_image;
         let q = ca
-            .scaled_query(&x)?
+            .scaled_query(&x, true)?
             .reshape((images, rows_per_image, ca.heads, ca.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
         let (ck, cv) = &state.cross_kv;
         let y = attention(&q, ck, cv, None)?.transpose(1, 2)?.reshape((rows, 1, d))?;
-        let x = self.encoder_attn_layer_norm.forward(&(x + ca.out_proj.forward(&y)?)?)?;
+        let x = self.encoder_attn_layer_norm.forward(&(x + ca.out_proj.forward_decode(&y)?)?)?;
 
-        let y = self.fc2.forward(&gelu(&self.fc1.forward(&x)?)?)?;
+        let y = self.fc2.forward_decode(&gelu(&self.fc1.forward_decode(&x)?)?)?;
         self.final_layer_norm.forward(&(x + y)?)
     }
 }
@@ -270,7 +276,7 @@ impl BartDecoder {
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok(LayerState { self_kv: None, cross_kv: l.encoder_attn.key_values(memory)? }))
+            .map(|l| Ok(LayerState { self_kv: None, cross_kv: l.encoder_attn.key_values(memory, false)? }))
             .collect::<Result<_>>()?;
         Ok(DecoderState { layers, rows_per_image, position: 0 })
     }
@@ -290,7 +296,7 @@ impl BartDecoder {
             x = layer.step(&x, ls, state.rows_per_image)?;
         }
         state.position += 1;
-        Ok(self.lm_head.forward(&x.squeeze(1)?)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward_decode(&x.squeeze(1)?)?.to_dtype(DType::F32)?)
     }
 }
 

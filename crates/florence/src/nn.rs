@@ -18,9 +18,6 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-/// Inputs with at most this many rows (decoding: one row per beam) take the GEMV path.
-const FEW_ROWS: usize = 16;
-
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
@@ -40,12 +37,26 @@ impl Linear {
         self.weight.dims()[0]
     }
 
+    /// `x · Wᵀ + b` with a GEMM, for many rows (images, prompts).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// `x · Wᵀ + b` for the few rows of a decoding step (one per beam), streaming the weight once.
+    ///
+    /// Each output element is computed the same way whatever the number of rows, and so is the
+    /// GEMM's: choosing the kernel by call site rather than by row count is what keeps an image's
+    /// caption independent of the batch it is in.
+    pub fn forward_decode(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, decode: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if rows <= FEW_ROWS && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && x.device().is_cpu() {
+        let y = if decode && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && x.device().is_cpu() {
             self.forward_few_rows(&x2)?
         } else {
             // The GEMM reads the checkpoint's [out, in] layout through a transposed view.
@@ -332,7 +343,7 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, n, &dev)?;
             let lin = Linear::from_weights(w.clone(), Some(b.clone()))?;
             let expected = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-            let diff = (lin.forward(&x)? - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = (lin.forward_decode(&x)? - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "{rows}x{k}x{n}: {diff}");
         }
         Ok(())
