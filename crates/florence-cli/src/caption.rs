@@ -37,9 +37,13 @@ pub enum ExistingArg {
 
 #[derive(clap::Args)]
 pub struct CaptionArgs {
-    /// Model directory (config.json, weights, tokenizer) as downloaded from the hub.
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    /// Model folder (config.json, weights, tokenizer), or a Hugging Face model id such as
+    /// microsoft/Florence-2-large, taken from the Hugging Face cache or downloaded into it.
+    #[arg(long, value_name = "DIR|ORG/NAME", default_value = florence::hub::DEFAULT_MODEL)]
+    model: String,
+    /// Never download: use only local folders and the Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
     /// Task token, e.g. <CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OD>, <OCR>,
     /// <OCR_WITH_REGION>, <DENSE_REGION_CAPTION>, <REGION_PROPOSAL>,
     /// <CAPTION_TO_PHRASE_GROUNDING>, <REFERRING_EXPRESSION_SEGMENTATION>,
@@ -326,7 +330,7 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         // The model is loaded when the first image decodes: a run with nothing left to caption
         // (a finished rerun, or only broken files) does no model work at all.
         let mut engine: Option<(Florence, GenerationConfig, Value)> = None;
-        let model_id = a.model.to_string_lossy().into_owned();
+        let model_id = a.model.clone();
         let single_input = a.inputs.len() == 1 && a.files_from.is_none();
         let mut batch: Vec<(InputImage, Option<PathBuf>, RgbImage)> = Vec::with_capacity(a.batch_size);
         let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, RgbImage)>,
@@ -368,7 +372,9 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                 Ok(rgb) => {
                     if engine.is_none() {
                         bar.set_message("loading model");
-                        let model = Florence::load(&a.model, &LoadOptions::default())?;
+                        let offline = a.offline || florence::hub::offline_from_env();
+                        let dir = bar.suspend(|| florence::hub::resolve(&a.model, offline, !a.quiet))?;
+                        let model = Florence::load(&dir, &LoadOptions::default())?;
                         let gen = generation_config(&model, &a);
                         gen.validate(model.model.max_decoder_positions())?;
                         let gen_json = json!({

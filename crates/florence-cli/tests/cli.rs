@@ -148,3 +148,39 @@ fn task_input_is_required_where_needed() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("needs a text input"));
 }
+
+/// Hub ids resolve through the standard cache layout; offline, a missing model is a clear error.
+#[test]
+fn hub_ids_resolve_from_the_cache() {
+    let model = common::model_dir("native_f32");
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--tiny-org--florence-test");
+    let snap = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for e in std::fs::read_dir(model.path()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    let img = common::image("gray8.png");
+    let run = |model: &str, env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_florence"))
+            .args(["caption", "--model", model, "--max-new-tokens", "5", "--format", "jsonl", img.to_str().unwrap()])
+            .env("HF_HUB_CACHE", cache.path())
+            .env_remove("HF_HUB_OFFLINE")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let by_dir = jsonl(&run(model.path().to_str().unwrap(), &[]));
+    let by_id = jsonl(&run("tiny-org/florence-test", &[("HF_HUB_OFFLINE", "1")]));
+    assert_eq!(by_id[0]["ids"], by_dir[0]["ids"]);
+    assert_eq!(by_id[0]["model"], "tiny-org/florence-test");
+
+    let o = run("tiny-org/not-downloaded", &[("HF_HUB_OFFLINE", "1")]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("tiny-org/not-downloaded is not in the Hugging Face cache"), "{err}");
+    assert!(err.contains("huggingface-cli download tiny-org/not-downloaded"), "{err}");
+}

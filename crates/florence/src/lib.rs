@@ -24,6 +24,7 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod generation;
+pub mod hub;
 pub mod language;
 pub mod model;
 pub mod nn;
