@@ -33,6 +33,11 @@ enum Command {
   florence caption --model ./Florence-2-large --task '<MORE_DETAILED_CAPTION>' --format jsonl *.png
   florence caption --model ./Florence-2-base --task '<CAPTION_TO_PHRASE_GROUNDING>' --text-input 'a green car' car.jpg
   florence caption --model ./Florence-2-base --do-sample --temperature 0.7 --top-p 0.9 --seed 42 photo.jpg
+  florence caption --do-sample --top-k 40 --min-p 0.05 photo.jpg
+  florence caption -r ./dataset --existing append --separator ' ' --suffix ', best quality'
+  florence caption -r ./dataset --batch-size 8 --threads 16 --num-beams 1 --max-new-tokens 256 --min-new-tokens 8
+  florence caption -r ./dataset --model microsoft/Florence-2-large --offline -q
+  florence caption -r ./scans --no-exif-orientation --max-pixels 500000000
 
 Exit status: 0 when every image was captioned or skipped, 1 when some image failed (each is
 reported on stderr and in --errors), 2 when the run could not start or was interrupted.")]

@@ -80,10 +80,17 @@ impl WeightFiles {
                     Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}"))
                 })?
             } else {
-                candle_core::safetensors::load(path, &Device::Cpu)
-                    .map_err(|e| Error::checkpoint(path, format!("cannot read safetensors: {e}")))?
+                // Memory-mapped: each tensor is copied once, straight from the page cache.
+                let bad = |e: candle_core::Error| Error::checkpoint(path, format!("cannot read safetensors: {e}"));
+                // SAFETY: the file is only read; a concurrent writer could change the bytes under
+                // us, as with any memory-mapped model file.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+                let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+                names
                     .into_iter()
-                    .collect()
+                    .map(|n| st.load(&n, &Device::Cpu).map(|t| (n, t)))
+                    .collect::<candle_core::Result<_>>()
+                    .map_err(bad)?
             };
             for (name, t) in tensors {
                 let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
