@@ -80,17 +80,7 @@ impl WeightFiles {
                     Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}"))
                 })?
             } else {
-                // Memory-mapped: each tensor is copied once, straight from the page cache.
-                let bad = |e: candle_core::Error| Error::checkpoint(path, format!("cannot read safetensors: {e}"));
-                // SAFETY: the file is only read; a concurrent writer could change the bytes under
-                // us, as with any memory-mapped model file.
-                let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
-                let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-                names
-                    .into_iter()
-                    .map(|n| st.load(&n, &Device::Cpu).map(|t| (n, t)))
-                    .collect::<candle_core::Result<_>>()
-                    .map_err(bad)?
+                read_safetensors(path).map_err(|m| Error::checkpoint(path, format!("cannot read safetensors: {m}")))?
             };
             for (name, t) in tensors {
                 let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
@@ -99,6 +89,61 @@ impl WeightFiles {
         }
         Ok(out)
     }
+}
+
+/// Reads a safetensors file tensor by tensor, straight into each tensor's own buffer: neither
+/// the whole file nor a memory map is held, so peak memory is the weights and no more.
+fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file_len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| format!("no header ({e})"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+        return Err(format!("header length {header_len} does not fit a {file_len}-byte file"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| info.get(k).ok_or_else(|| format!("tensor {name} has no {k}"));
+        let dtype = field("dtype")?.as_str().unwrap_or("").to_string();
+        let shape: Vec<usize> = field("shape")?
+            .as_array()
+            .ok_or_else(|| format!("tensor {name}: bad shape"))?
+            .iter()
+            .map(|v| v.as_u64().map(|v| v as usize).ok_or_else(|| format!("tensor {name}: bad shape")))
+            .collect::<std::result::Result<_, _>>()?;
+        let offsets = field("data_offsets")?.as_array().ok_or_else(|| format!("tensor {name}: bad offsets"))?;
+        let (begin, end) = match (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64())) {
+            (Some(b), Some(e)) if b <= e && data_start + e <= file_len => (b, e),
+            _ => return Err(format!("tensor {name}: data offsets outside the file (truncated download?)")),
+        };
+        let (width, candle_dtype) = match dtype.as_str() {
+            "F32" => (4, DType::F32),
+            "F16" => (2, DType::F16),
+            "BF16" => (2, DType::BF16),
+            "I64" => (8, DType::I64),
+            other => return Err(format!("tensor {name}: unsupported dtype {other}")),
+        };
+        let elems: usize = shape.iter().product();
+        if (end - begin) as usize != elems * width {
+            return Err(format!("tensor {name}: {} bytes for {elems} {dtype} values", end - begin));
+        }
+        let mut bytes = vec![0u8; elems * width];
+        f.seek(SeekFrom::Start(data_start + begin)).map_err(|e| e.to_string())?;
+        f.read_exact(&mut bytes).map_err(|e| format!("tensor {name}: {e} (truncated file?)"))?;
+        let t = Tensor::from_raw_buffer(&bytes, candle_dtype, &shape, &Device::Cpu).map_err(|e| e.to_string())?;
+        out.push((name, t));
+    }
+    Ok(out)
 }
 
 /// The layout a set of tensor names comes from.

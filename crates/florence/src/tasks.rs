@@ -231,33 +231,42 @@ fn floats(v: &[f32]) -> Value {
     Value::Array(v.iter().map(|&x| json!(x as f64)).collect())
 }
 
+/// One box per entry, each labelled with its phrase (ASCII only, as the original keeps it).
+fn flat_boxes(phrases: impl IntoIterator<Item = (String, Vec<Vec<f32>>)>) -> (Vec<Value>, Vec<Value>) {
+    let (mut bboxes, mut labels) = (Vec::new(), Vec::new());
+    for (label, boxes) in phrases {
+        let label = ascii_only(&label);
+        for b in boxes {
+            bboxes.push(floats(&b));
+            labels.push(Value::String(label.clone()));
+        }
+    }
+    (bboxes, labels)
+}
+
+/// One polygon group per phrase, with its label.
+fn polygon_groups(phrases: Vec<(String, Vec<Vec<f32>>)>) -> (Vec<Value>, Vec<Value>) {
+    phrases
+        .into_iter()
+        .map(|(label, polys)| (Value::Array(polys.iter().map(|p| floats(p)).collect()), Value::String(label)))
+        .unzip()
+}
+
 /// Parses `raw` (decoded with special tokens) by `kind`; `size` is the original `(width, height)`.
 pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> Value {
+    let text = clean(raw);
     match kind {
         PostProcess::PureText => Value::String(raw.replace("<s>", "").replace("</s>", "")),
         PostProcess::DescriptionWithBboxes | PostProcess::Bboxes => {
-            let (mut bboxes, mut labels) = (Vec::new(), Vec::new());
-            for (label, boxes) in phrases_with_boxes(&clean(raw), kind == PostProcess::Bboxes, size) {
-                let label = ascii_only(&label);
-                for b in boxes {
-                    bboxes.push(floats(&b));
-                    labels.push(Value::String(label.clone()));
-                }
-            }
+            let (bboxes, labels) = flat_boxes(phrases_with_boxes(&text, kind == PostProcess::Bboxes, size));
             json!({ "bboxes": bboxes, "labels": labels })
         }
         PostProcess::PhraseGrounding => {
-            let (mut bboxes, mut labels) = (Vec::new(), Vec::new());
-            for (label, boxes) in phrases_with_boxes(&clean(raw), false, size) {
-                if GROUNDING_BLACKLIST.contains(&label.as_str()) {
-                    continue;
-                }
-                let label = ascii_only(&label);
-                for b in boxes {
-                    bboxes.push(floats(&b));
-                    labels.push(Value::String(label.clone()));
-                }
-            }
+            // The blacklist is checked before non-ASCII characters are dropped, as in the original.
+            let phrases = phrases_with_boxes(&text, false, size)
+                .into_iter()
+                .filter(|(label, _)| !GROUNDING_BLACKLIST.contains(&label.as_str()));
+            let (bboxes, labels) = flat_boxes(phrases);
             json!({ "bboxes": bboxes, "labels": labels })
         }
         PostProcess::Ocr => {
@@ -265,7 +274,6 @@ pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> Value {
             // removed and labels stripped, so the first label does not start with "</s>".
             static OCR: OnceLock<Regex> = OnceLock::new();
             let re = OCR.get_or_init(|| Regex::new(&format!("(.+?){}", r"<loc_(\d+)>".repeat(8))).unwrap());
-            let text = clean(raw);
             let (mut quads, mut labels) = (Vec::new(), Vec::new());
             for c in re.captures_iter(&text) {
                 let bins: Vec<u32> = (2..=9).map(|j| c[j].parse().unwrap_or(0)).collect();
@@ -275,31 +283,15 @@ pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> Value {
             json!({ "quad_boxes": quads, "labels": labels })
         }
         PostProcess::Polygons => {
-            let (mut polygons, mut labels) = (Vec::new(), Vec::new());
-            for (label, polys) in polygons_of(&clean(raw), true, size) {
-                polygons.push(Value::Array(polys.iter().map(|p| floats(p)).collect()));
-                labels.push(Value::String(label));
-            }
+            let (polygons, labels) = polygon_groups(polygons_of(&text, true, size));
             json!({ "polygons": polygons, "labels": labels })
         }
         PostProcess::DescriptionWithBboxesOrPolygons => {
-            let text = clean(raw);
-            let (mut bboxes, mut bbox_labels, mut polygons, mut polygon_labels) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            if raw.contains("<poly>") {
-                for (label, polys) in polygons_of(&text, false, size) {
-                    polygons.push(Value::Array(polys.iter().map(|p| floats(p)).collect()));
-                    polygon_labels.push(Value::String(label));
-                }
+            let ((bboxes, bbox_labels), (polygons, polygon_labels)) = if raw.contains("<poly>") {
+                (Default::default(), polygon_groups(polygons_of(&text, false, size)))
             } else {
-                for (label, boxes) in phrases_with_boxes(&text, false, size) {
-                    let label = ascii_only(&label);
-                    for b in boxes {
-                        bboxes.push(floats(&b));
-                        bbox_labels.push(Value::String(label.clone()));
-                    }
-                }
-            }
+                (flat_boxes(phrases_with_boxes(&text, false, size)), Default::default())
+            };
             json!({ "bboxes": bboxes, "bboxes_labels": bbox_labels, "polygons": polygons, "polygons_labels": polygon_labels })
         }
     }
