@@ -342,9 +342,10 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
             if batch.is_empty() {
                 return Ok(());
             }
-            let imgs: Vec<RgbImage> = batch.iter().map(|(_, _, i)| i.clone()).collect();
+            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<RgbImage>) =
+                batch.drain(..).map(|(img, sidecar, rgb)| ((img, sidecar), rgb)).unzip();
             let results = model.run(&imgs, &task, gen)?;
-            for ((img, sidecar, _), r) in batch.drain(..).zip(results) {
+            for ((img, sidecar), r) in items.into_iter().zip(results) {
                 let caption = match &r.result {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
