@@ -320,7 +320,8 @@ impl CustomOp1 for DepthwiseConv3x3Residual {
 
 /// Scaled dot-product attention over `[.., Lq, D]` x `[.., Lk, D]`, with `q` already scaled.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = q.matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?;
+    // A transposed view: the GEMM reads K in place.
+    let scores = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
