@@ -87,20 +87,6 @@ pub struct GenerationOverrides {
     pub min_p: Option<f64>,
 }
 
-impl GenerationOverrides {
-    /// Fields set in `other` replace those in `self`.
-    pub fn overlay(&mut self, other: &GenerationOverrides) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
-        }
-        take!(
-            num_beams, no_repeat_ngram_size, early_stopping, length_penalty, forced_bos_token_id,
-            forced_eos_token_id, max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
-            top_p, min_p
-        );
-    }
-}
-
 fn default_activation() -> String {
     "gelu".into()
 }

@@ -113,24 +113,33 @@ impl Linear {
     }
 }
 
-/// Dot product, with AVX2/FMA when the CPU has them (runtime dispatch keeps the binary portable).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_avx2(a, b) };
+/// Defines `$name`, which runs `$portable` compiled for AVX2 + FMA when the CPU has them and
+/// as plain code otherwise (runtime dispatch keeps the binary portable).
+macro_rules! with_avx2 {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $portable:ident) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were just detected.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-    }
-    dot_portable(a, b)
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
+with_avx2!(
+    /// Dot product of two equal-length slices.
+    #[inline]
+    fn dot(a: &[f32], b: &[f32]) -> f32 = dot_portable
+);
 
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -189,22 +198,10 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-fn gelu_slice(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { gelu_slice_avx2(src, dst) };
-        }
-    }
-    gelu_slice_portable(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
-    gelu_slice_portable(src, dst)
-}
+with_avx2!(
+    /// GELU of every element of `src` into `dst`.
+    fn gelu_slice(src: &[f32], dst: &mut [f32]) -> () = gelu_slice_portable
+);
 
 #[inline(always)]
 fn gelu_slice_portable(src: &[f32], dst: &mut [f32]) {
