@@ -68,33 +68,166 @@ impl WeightFiles {
         files.sort();
         Ok(Self { files })
     }
+}
 
-    /// Reads every tensor, converted to `dtype`, keyed by its name in the file.
-    pub fn read_all(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for path in &self.files {
+/// Where one tensor's data lies.
+#[derive(Debug)]
+enum Entry {
+    /// In a safetensors file, read when asked for.
+    Stored { file: usize, offset: u64, dtype: DType, shape: Vec<usize> },
+    /// Already in memory (PyTorch pickles are read whole).
+    Loaded(Tensor),
+}
+
+/// The tensors of a checkpoint under remote-layout names (spec §9), read one at a time when the
+/// model asks for them: peak memory while loading is the model as it will be held (in whatever
+/// [`WeightFormat`](crate::nn::WeightFormat) was chosen) plus one tensor in f32.
+#[derive(Debug)]
+pub struct Checkpoint {
+    files: Vec<std::fs::File>,
+    paths: Vec<PathBuf>,
+    entries: HashMap<String, Entry>,
+    /// The layout the tensors were stored in.
+    pub layout: Layout,
+}
+
+impl Checkpoint {
+    /// Indexes the tensors of `weights` (reading only safetensors headers, or whole pickles).
+    pub fn open(weights: &WeightFiles) -> Result<Self> {
+        let mut raw: Vec<(String, Entry)> = Vec::new();
+        let mut files = Vec::new();
+        for (i, path) in weights.files.iter().enumerate() {
             let is_pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
-            let tensors: Vec<(String, Tensor)> = if is_pickle {
+            if is_pickle {
                 // candle's reader only interprets the pickle opcodes; no code is executed.
-                candle_core::pickle::read_all(path).map_err(|e| {
+                let tensors = candle_core::pickle::read_all(path).map_err(|e| {
                     Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}"))
-                })?
+                })?;
+                raw.extend(tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))));
+                files.push(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
             } else {
-                read_safetensors(path).map_err(|m| Error::checkpoint(path, format!("cannot read safetensors: {m}")))?
-            };
-            for (name, t) in tensors {
-                let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
-                out.insert(name, t);
+                let (file, index) = index_safetensors(path, i)
+                    .map_err(|m| Error::checkpoint(path, format!("cannot read safetensors: {m}")))?;
+                raw.extend(index);
+                files.push(file);
             }
         }
-        Ok(out)
+        let first = &weights.files[0];
+        let layout = detect_layout(raw.iter().map(|(n, _)| n)).ok_or_else(|| {
+            Error::checkpoint(
+                first,
+                "contains no Florence-2 weights (no vision_tower.* or language_model.* tensors)",
+            )
+        })?;
+        let entries = raw
+            .into_iter()
+            .map(|(name, e)| match layout {
+                Layout::Remote => (name, e),
+                Layout::Native => (native_to_remote(&name), e),
+            })
+            .collect();
+        Ok(Self { files, paths: weights.files.clone(), entries, layout })
+    }
+
+    /// The file the tensors come from (the first shard), for messages.
+    pub fn path(&self) -> &Path {
+        &self.paths[0]
+    }
+
+    /// Reads tensor `name` (remote-layout name) as `dtype`.
+    fn read(&self, name: &str, dtype: DType) -> candle_core::Result<Tensor> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let t = match entry {
+            Entry::Loaded(t) => t.clone(),
+            Entry::Stored { file, offset, dtype, shape } => {
+                let f = &self.files[*file];
+                let read = |e: std::io::Error| {
+                    candle_core::Error::Msg(format!(
+                        "{}: tensor {name}: {e} (truncated download?)",
+                        self.paths[*file].display()
+                    ))
+                };
+                match dtype {
+                    DType::F32 => read_vec::<f32>(f, *offset, shape).map_err(read)?,
+                    DType::F16 => read_vec::<half::f16>(f, *offset, shape).map_err(read)?,
+                    DType::BF16 => read_vec::<half::bf16>(f, *offset, shape).map_err(read)?,
+                    _ => read_vec::<i64>(f, *offset, shape).map_err(read)?,
+                }
+            }
+        };
+        // The native projector is a Linear (`[out, in]`); the remote one a matrix (`[in, out]`).
+        let t = if self.layout == Layout::Native && name == "image_projection" { t.t()?.contiguous()? } else { t };
+        t.to_dtype(dtype)
     }
 }
 
-/// Reads a safetensors file tensor by tensor, straight into each tensor's own buffer: neither
-/// the whole file nor a memory map is held, so peak memory is the weights and no more.
-fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
-    use std::io::{Read, Seek, SeekFrom};
+impl candle_nn::var_builder::SimpleBackend for Checkpoint {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype)?;
+        if t.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("tensor {name} has the wrong shape"),
+                expected: shape,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+/// Reads `shape`'s worth of little-endian `T`s at `offset` straight into the tensor's buffer.
+fn read_vec<T: bytemuck::Pod + candle_core::WithDType>(
+    f: &std::fs::File,
+    offset: u64,
+    shape: &[usize],
+) -> std::io::Result<Tensor> {
+    const _: () = assert!(cfg!(target_endian = "little"), "safetensors data is little-endian");
+    let mut v = vec![T::zeroed(); shape.iter().product()];
+    read_exact_at(f, bytemuck::cast_slice_mut(&mut v), offset)?;
+    Tensor::from_vec(v, shape, &Device::Cpu).map_err(std::io::Error::other)
+}
+
+#[cfg(unix)]
+fn read_exact_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(f: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match f.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a safetensors header and checks every tensor's extent against the file.
+fn index_safetensors(path: &Path, file: usize) -> std::result::Result<(std::fs::File, Vec<(String, Entry)>), String> {
+    use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let file_len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut n = [0u8; 8];
@@ -126,7 +259,7 @@ fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, S
             (Some(b), Some(e)) if b <= e && data_start + e <= file_len => (b, e),
             _ => return Err(format!("tensor {name}: data offsets outside the file (truncated download?)")),
         };
-        let (width, candle_dtype) = match dtype.as_str() {
+        let (width, dtype) = match dtype.as_str() {
             "F32" => (4, DType::F32),
             "F16" => (2, DType::F16),
             "BF16" => (2, DType::BF16),
@@ -135,15 +268,11 @@ fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, S
         };
         let elems: usize = shape.iter().product();
         if (end - begin) as usize != elems * width {
-            return Err(format!("tensor {name}: {} bytes for {elems} {dtype} values", end - begin));
+            return Err(format!("tensor {name}: {} bytes for {elems} {dtype:?} values", end - begin));
         }
-        let mut bytes = vec![0u8; elems * width];
-        f.seek(SeekFrom::Start(data_start + begin)).map_err(|e| e.to_string())?;
-        f.read_exact(&mut bytes).map_err(|e| format!("tensor {name}: {e} (truncated file?)"))?;
-        let t = Tensor::from_raw_buffer(&bytes, candle_dtype, &shape, &Device::Cpu).map_err(|e| e.to_string())?;
-        out.push((name, t));
+        out.push((name, Entry::Stored { file, offset: data_start + begin, dtype, shape }));
     }
-    Ok(out)
+    Ok((f, out))
 }
 
 /// The layout a set of tensor names comes from.
@@ -198,48 +327,6 @@ fn native_to_remote(name: &str) -> String {
         return format!("vision_tower.blocks.{}.{}.{block}.{sub}", parts[1], parts[2]);
     }
     format!("vision_tower.{rest}")
-}
-
-/// Reads a checkpoint and returns its tensors under remote-layout names, with the tied
-/// embeddings filled in, plus the layout it was stored in.
-pub fn load_remote_named(
-    files: &WeightFiles,
-    dtype: DType,
-) -> Result<(HashMap<String, Tensor>, Layout)> {
-    let raw = files.read_all(dtype)?;
-    let first = &files.files[0];
-    let layout = detect_layout(raw.keys()).ok_or_else(|| {
-        Error::checkpoint(
-            first,
-            "contains no Florence-2 weights (no vision_tower.* or language_model.* tensors)",
-        )
-    })?;
-    let mut out: HashMap<String, Tensor> = HashMap::with_capacity(raw.len() + 3);
-    for (name, t) in raw {
-        match layout {
-            Layout::Remote => {
-                out.insert(name, t);
-            }
-            Layout::Native => {
-                let remote = native_to_remote(&name);
-                // The native projector is a Linear ([out, in]); the remote one a matrix ([in, out]).
-                let t = if remote == "image_projection" { t.t()?.contiguous()? } else { t };
-                out.insert(remote, t);
-            }
-        }
-    }
-    let shared_name = "language_model.model.shared.weight";
-    let shared = out.get(shared_name).cloned().ok_or_else(|| {
-        Error::checkpoint(first, format!("missing tensor {shared_name} (the token embeddings)"))
-    })?;
-    for tied in [
-        "language_model.model.encoder.embed_tokens.weight",
-        "language_model.model.decoder.embed_tokens.weight",
-        "language_model.lm_head.weight",
-    ] {
-        out.entry(tied.to_string()).or_insert_with(|| shared.clone());
-    }
-    Ok((out, layout))
 }
 
 #[cfg(test)]

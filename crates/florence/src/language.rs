@@ -7,7 +7,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::nn::{attention, gelu, LayerNorm, Linear};
+use crate::nn::{attention, gelu, LayerNorm, Linear, Matrix, WeightFormat};
 
 /// BART's learned positions are offset by two rows (a fairseq legacy).
 const POSITION_OFFSET: usize = 2;
@@ -23,12 +23,12 @@ struct BartAttention {
 }
 
 impl BartAttention {
-    fn new(d: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(d: usize, heads: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         Ok(Self {
-            q_proj: Linear::new(d, d, vb.pp("q_proj"))?,
-            k_proj: Linear::new(d, d, vb.pp("k_proj"))?,
-            v_proj: Linear::new(d, d, vb.pp("v_proj"))?,
-            out_proj: Linear::new(d, d, vb.pp("out_proj"))?,
+            q_proj: Linear::new(d, d, vb.pp("q_proj"), format)?,
+            k_proj: Linear::new(d, d, vb.pp("k_proj"), format)?,
+            v_proj: Linear::new(d, d, vb.pp("v_proj"), format)?,
+            out_proj: Linear::new(d, d, vb.pp("out_proj"), format)?,
             heads,
             head_dim: d / heads,
         })
@@ -64,7 +64,7 @@ impl BartAttention {
     fn forward_full(&self, x: &Tensor) -> Result<Tensor> {
         let q = self.split_heads(&self.scaled_query(x, false)?)?;
         let (k, v) = self.key_values(x, false)?;
-        self.out_proj.forward(&self.merge_heads(&attention(&q, &k, &v, None)?)?)
+        self.out_proj.forward(&self.merge_heads(&attention(&q, &k, &v)?)?)
     }
 }
 
@@ -78,13 +78,13 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            self_attn: BartAttention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?,
+            self_attn: BartAttention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), format)?,
             self_attn_layer_norm: LayerNorm::new(d, vb.pp("self_attn_layer_norm"))?,
-            fc1: Linear::new(d, cfg.encoder_ffn_dim, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.encoder_ffn_dim, d, vb.pp("fc2"))?,
+            fc1: Linear::new(d, cfg.encoder_ffn_dim, vb.pp("fc1"), format)?,
+            fc2: Linear::new(cfg.encoder_ffn_dim, d, vb.pp("fc2"), format)?,
             final_layer_norm: LayerNorm::new(d, vb.pp("final_layer_norm"))?,
         })
     }
@@ -105,7 +105,7 @@ pub struct BartEncoder {
 }
 
 impl BartEncoder {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         Ok(Self {
             embed_positions: candle_nn::embedding(
                 cfg.max_position_embeddings + POSITION_OFFSET,
@@ -114,7 +114,7 @@ impl BartEncoder {
             )?,
             layernorm_embedding: LayerNorm::new(cfg.d_model, vb.pp("layernorm_embedding"))?,
             layers: (0..cfg.encoder_layers)
-                .map(|i| EncoderLayer::new(cfg, vb.pp("layers").pp(i)))
+                .map(|i| EncoderLayer::new(cfg, vb.pp("layers").pp(i), format))
                 .collect::<Result<_>>()?,
         })
     }
@@ -153,16 +153,16 @@ struct LayerState {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let d = cfg.d_model;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: BartAttention::new(d, heads, vb.pp("self_attn"))?,
+            self_attn: BartAttention::new(d, heads, vb.pp("self_attn"), format)?,
             self_attn_layer_norm: LayerNorm::new(d, vb.pp("self_attn_layer_norm"))?,
-            encoder_attn: BartAttention::new(d, heads, vb.pp("encoder_attn"))?,
+            encoder_attn: BartAttention::new(d, heads, vb.pp("encoder_attn"), format)?,
             encoder_attn_layer_norm: LayerNorm::new(d, vb.pp("encoder_attn_layer_norm"))?,
-            fc1: Linear::new(d, cfg.decoder_ffn_dim, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.decoder_ffn_dim, d, vb.pp("fc2"))?,
+            fc1: Linear::new(d, cfg.decoder_ffn_dim, vb.pp("fc1"), format)?,
+            fc2: Linear::new(cfg.decoder_ffn_dim, d, vb.pp("fc2"), format)?,
             final_layer_norm: LayerNorm::new(d, vb.pp("final_layer_norm"))?,
         })
     }
@@ -176,7 +176,7 @@ impl DecoderLayer {
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
             None => (k, v),
         };
-        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v, None)?)?)?;
+        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v)?)?)?;
         state.self_kv = Some((k, v));
         let x = self.self_attn_layer_norm.forward(&(x + y)?)?;
 
@@ -191,7 +191,7 @@ impl DecoderLayer {
             .transpose(1, 2)?
             .contiguous()?;
         let (ck, cv) = &state.cross_kv;
-        let y = attention(&q, ck, cv, None)?.transpose(1, 2)?.reshape((rows, 1, d))?;
+        let y = attention(&q, ck, cv)?.transpose(1, 2)?.reshape((rows, 1, d))?;
         let x = self.encoder_attn_layer_norm.forward(&(x + ca.out_proj.forward_decode(&y)?)?)?;
 
         let y = self.fc2.forward_decode(&gelu(&self.fc1.forward_decode(&x)?)?)?;
@@ -202,7 +202,8 @@ impl DecoderLayer {
 /// The BART decoder and the (tied) language-model head.
 #[derive(Debug, Clone)]
 pub struct BartDecoder {
-    embed_tokens: Tensor,
+    /// The shared token embeddings (tied with `lm_head`).
+    embed_tokens: Matrix,
     embed_scale: f64,
     embed_positions: Embedding,
     layernorm_embedding: LayerNorm,
@@ -234,18 +235,15 @@ impl DecoderState {
 }
 
 impl BartDecoder {
-    fn new(cfg: &TextConfig, vb: VarBuilder, root: &VarBuilder) -> Result<Self> {
-        let d = cfg.d_model;
-        let embed_tokens = vb.get_unchecked("embed_tokens.weight")?;
-        let vocab = embed_tokens.dim(0)?;
-        let lm_head = root.get((vocab, d), "language_model.lm_head.weight")?;
+    fn new(cfg: &TextConfig, vb: VarBuilder, root: &VarBuilder, shared: &Matrix, format: WeightFormat) -> Result<Self> {
+        let (vocab, d) = shared.dims();
         let final_logits_bias = if root.contains_tensor("language_model.final_logits_bias") {
             Some(root.get((1, vocab), "language_model.final_logits_bias")?.squeeze(0)?)
         } else {
             None
         };
         Ok(Self {
-            embed_tokens,
+            embed_tokens: shared.clone(),
             embed_scale: if cfg.scale_embedding { (d as f64).sqrt() } else { 1.0 },
             embed_positions: candle_nn::embedding(
                 cfg.max_position_embeddings + POSITION_OFFSET,
@@ -254,9 +252,9 @@ impl BartDecoder {
             )?,
             layernorm_embedding: LayerNorm::new(d, vb.pp("layernorm_embedding"))?,
             layers: (0..cfg.decoder_layers)
-                .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+                .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), format))
                 .collect::<Result<_>>()?,
-            lm_head: Linear::from_weights(lm_head, final_logits_bias)?,
+            lm_head: Linear::from_weights(shared.clone(), final_logits_bias)?,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -283,9 +281,8 @@ impl BartDecoder {
 
     /// Feeds one token per row and returns the next-token logits `[rows, vocab]` (f32).
     pub fn step(&self, tokens: &[u32], state: &mut DecoderState) -> Result<Tensor> {
-        let dev = self.embed_tokens.device();
-        let ids = Tensor::new(tokens, dev)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let dev = self.embed_positions.embeddings().device();
+        let mut x = self.embed_tokens.rows_f32(tokens, dev)?;
         if self.embed_scale != 1.0 {
             x = (x * self.embed_scale)?;
         }
@@ -303,14 +300,17 @@ impl BartDecoder {
 /// The language model: shared token embeddings, encoder, decoder and head.
 #[derive(Debug, Clone)]
 pub struct BartLanguageModel {
-    shared: Tensor,
+    /// `[vocab, d]`, tied to the decoder's input embeddings and `lm_head` as transformers ties them
+    /// (a checkpoint's own copies of those are ignored).
+    shared: Matrix,
     pub encoder: BartEncoder,
     pub decoder: BartDecoder,
 }
 
 impl BartLanguageModel {
-    /// Loads `language_model.*`; `root` is the checkpoint root (for `lm_head` and the logits bias).
-    pub fn new(cfg: &TextConfig, root: VarBuilder) -> Result<Self> {
+    /// Loads `language_model.*`; `root` is the checkpoint root (for the logits bias). Weight
+    /// matrices, the shared embeddings included, are held in `format`.
+    pub fn new(cfg: &TextConfig, root: VarBuilder, format: WeightFormat) -> Result<Self> {
         let vb = root.pp("language_model").pp("model");
         let shared = vb.get_unchecked("shared.weight")?;
         let (vocab, d) = shared.dims2()?;
@@ -320,21 +320,18 @@ impl BartLanguageModel {
                 cfg.d_model
             )));
         }
+        let shared = Matrix::new(shared, format)?;
         Ok(Self {
+            encoder: BartEncoder::new(cfg, vb.pp("encoder"), format)?,
+            decoder: BartDecoder::new(cfg, vb.pp("decoder"), &root, &shared, format)?,
             shared,
-            encoder: BartEncoder::new(cfg, vb.pp("encoder"))?,
-            decoder: BartDecoder::new(cfg, vb.pp("decoder"), &root)?,
         })
     }
 
-    /// Embeds prompt token ids `[B, T]` with the shared embeddings, scaled by `sqrt(d_model)`
-    /// when `scale_embedding` is set, as transformers' `BartScaledWordEmbedding` does.
-    pub fn embed_prompt(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let mut flat = self.shared.index_select(&ids.flatten_all()?, 0)?;
-        if self.decoder.embed_scale != 1.0 {
-            flat = (flat * self.decoder.embed_scale)?;
-        }
-        Ok(flat.reshape((b, t, self.shared.dim(1)?))?)
+    /// Embeds prompt token ids with the shared embeddings, scaled by `sqrt(d_model)` when
+    /// `scale_embedding` is set, as transformers' `BartScaledWordEmbedding` does: `[ids.len(), d]`.
+    pub fn embed_prompt(&self, ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
+        let x = self.shared.rows_f32(ids, device)?;
+        Ok(if self.decoder.embed_scale != 1.0 { (x * self.decoder.embed_scale)? } else { x })
     }
 }

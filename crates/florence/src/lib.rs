@@ -36,28 +36,31 @@ pub mod vision;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 pub use config::{Florence2Config, Layout, PreprocessorConfig};
 pub use error::{Error, Result};
 pub use generation::{EarlyStopping, GenerationConfig, SamplingConfig};
 pub use model::Florence2;
+pub use nn::WeightFormat;
 pub use preprocess::{ImageProcessor, RgbImage};
 pub use tasks::Task;
 pub use tokenizer::FlorenceTokenizer;
 
-/// How to load a model.
+/// How to load a model. The default (f32 weights on the CPU) is exact with transformers.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype (f32 is exact with transformers' default).
-    pub dtype: DType,
+    /// How the vision tower's attention and MLP weights are held.
+    pub vision_weights: WeightFormat,
+    /// How the language model's weights (token embeddings and `lm_head` included) are held.
+    pub language_weights: WeightFormat,
     pub device: Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu }
+        Self { vision_weights: WeightFormat::F32, language_weights: WeightFormat::F32, device: Device::Cpu }
     }
 }
 
@@ -98,7 +101,7 @@ impl Florence {
         let tokenizer = FlorenceTokenizer::from_dir(dir)?;
         let files = checkpoint::WeightFiles::discover(dir)?;
         let generation = Self::default_generation(&config, dir)?;
-        let model = Florence2::load(config, &files, options.dtype, &options.device)?;
+        let model = Florence2::load(config, &files, options.vision_weights, options.language_weights, &options.device)?;
         Ok(Self { model, tokenizer, processor, generation, dir: dir.to_path_buf() })
     }
 
@@ -159,8 +162,7 @@ impl Florence {
         for img in images {
             data.extend(self.processor.pixel_values(img));
         }
-        let t = Tensor::from_vec(data, (images.len(), 3, c.height, c.width), self.model.device())?;
-        Ok(t.to_dtype(self.model.dtype())?)
+        Ok(Tensor::from_vec(data, (images.len(), 3, c.height, c.width), self.model.device())?)
     }
 
     /// Runs `task` on a batch of images with the settings `gen`.

@@ -4,11 +4,12 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::{load_remote_named, WeightFiles};
+use crate::checkpoint::{Checkpoint, WeightFiles};
 use crate::config::{Florence2Config, Layout};
 use crate::error::{Error, Result};
 use crate::generation::StepDecoder;
 use crate::language::{BartLanguageModel, DecoderState};
+use crate::nn::WeightFormat;
 use crate::projector::ImageProjector;
 use crate::vision::DaViT;
 
@@ -22,34 +23,37 @@ pub struct Florence2 {
     projector: ImageProjector,
     language_model: BartLanguageModel,
     device: Device,
-    dtype: DType,
 }
 
 impl Florence2 {
-    /// Loads the weights of `files` for `config`, computing in `dtype`.
-    pub fn load(config: Florence2Config, files: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let (tensors, layout) = load_remote_named(files, dtype)?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    /// Loads the weights of `files` for `config`, holding the weight matrices of the vision
+    /// tower and of the language model in the given formats (computation is f32 throughout).
+    pub fn load(
+        config: Florence2Config,
+        files: &WeightFiles,
+        vision_weights: WeightFormat,
+        language_weights: WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(files)?;
+        let layout = checkpoint.layout;
+        let path = checkpoint.path().to_path_buf();
+        let vb = VarBuilder::from_backend(Box::new(checkpoint), DType::F32, device.clone());
         let wrap = |e: Error| match e {
             Error::Tensor(t) => Error::checkpoint(
-                &files.files[0],
+                &path,
                 format!("does not match config.json: {t}; check that the weights and config.json are from the same model"),
             ),
             other => other,
         };
-        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower")).map_err(wrap)?;
+        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), vision_weights).map_err(wrap)?;
         let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
-        let language_model = BartLanguageModel::new(&config.text, vb).map_err(wrap)?;
-        Ok(Self { config, layout, vision_tower, projector, language_model, device: device.clone(), dtype })
+        let language_model = BartLanguageModel::new(&config.text, vb, language_weights).map_err(wrap)?;
+        Ok(Self { config, layout, vision_tower, projector, language_model, device: device.clone() })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
     }
 
     /// `pixel_values` `[B, 3, H, W]` to image features `[B, 1 + h*w, d_model]`.
@@ -80,8 +84,7 @@ impl Florence2 {
                 prompt_ids.len()
             )));
         }
-        let ids = Tensor::new(prompt_ids, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
-        let text = self.language_model.embed_prompt(&ids)?.to_dtype(image_features.dtype())?;
+        let text = self.language_model.embed_prompt(prompt_ids, &self.device)?.unsqueeze(0)?.repeat((b, 1, 1))?;
         let inputs = Tensor::cat(&[image_features, &text], 1)?;
         self.language_model.encoder.forward(&inputs)
     }

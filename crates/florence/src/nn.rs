@@ -1,40 +1,199 @@
 //! Layers shared by the vision encoder and the language model, and the depthwise convolution
 //! kernel that replaces candle's grouped convolution (about 75x slower for 3x3 depthwise).
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
+
 use rayon::prelude::*;
 
 use crate::error::Result;
+
+/// How a weight matrix is held in memory. Products are computed in f32 whatever the format:
+/// reduced formats are widened as they are read, which halves (bf16) or quarters (q8) the memory
+/// a decoding step streams, and leaves f32 exactly as transformers computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As in the checkpoint, exact.
+    #[default]
+    F32,
+    /// bfloat16, rounded to nearest even (the precision Florence-2 checkpoints are often shipped in).
+    Bf16,
+    /// Weight-only int8: symmetric, one f32 scale per block of [`Q8_BLOCK`] inputs of a row.
+    Q8,
+}
+
+/// Inputs per int8 block; every Florence-2 width is a multiple of it.
+pub const Q8_BLOCK: usize = 32;
+
+/// A `[rows, cols]` weight matrix (`[out, in]` for layers, `[vocab, d]` for embeddings).
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: MatrixData,
+}
+
+#[derive(Debug, Clone)]
+enum MatrixData {
+    F32(Tensor),
+    Bf16(Arc<[u16]>),
+    Q8 { values: Arc<[i8]>, scales: Arc<[f32]> },
+}
+
+impl Matrix {
+    /// Stores the f32 matrix `w` in `format`. Q8 needs a width that is a multiple of
+    /// [`Q8_BLOCK`]; other widths keep bf16.
+    pub fn new(w: Tensor, format: WeightFormat) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let format = if format == WeightFormat::Q8 && cols % Q8_BLOCK != 0 { WeightFormat::Bf16 } else { format };
+        let data = match format {
+            WeightFormat::F32 => MatrixData::F32(w.to_dtype(DType::F32)?),
+            WeightFormat::Bf16 => {
+                let v: Vec<half::bf16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
+                MatrixData::Bf16(v.into_iter().map(|x| x.to_bits()).collect())
+            }
+            WeightFormat::Q8 => {
+                let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let mut values = vec![0i8; v.len()];
+                let mut scales = vec![0f32; v.len() / Q8_BLOCK];
+                values.par_chunks_mut(Q8_BLOCK).zip(scales.par_iter_mut()).zip(v.par_chunks(Q8_BLOCK)).for_each(
+                    |((q, s), w)| {
+                        let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        *s = max / 127.0;
+                        let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                        for (q, x) in q.iter_mut().zip(w) {
+                            *q = (x * inv).round() as i8;
+                        }
+                    },
+                );
+                MatrixData::Q8 { values: values.into(), scales: scales.into() }
+            }
+        };
+        Ok(Self { rows, cols, data })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The matrix in f32: the stored tensor itself, or a widened copy.
+    pub fn to_f32(&self, device: &candle_core::Device) -> Result<Tensor> {
+        match &self.data {
+            MatrixData::F32(t) => Ok(t.clone()),
+            _ => self.rows_f32(&(0..self.rows as u32).collect::<Vec<_>>(), device),
+        }
+    }
+
+    /// Rows `ids` in f32, `[ids.len(), cols]` (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
+        let k = self.cols;
+        if let MatrixData::F32(t) = &self.data {
+            return Ok(t.index_select(&Tensor::new(ids, t.device())?, 0)?);
+        }
+        let mut out = vec![0f32; ids.len() * k];
+        out.par_chunks_mut(k).zip(ids.par_iter()).for_each(|(o, &id)| {
+            let j = id as usize;
+            match &self.data {
+                MatrixData::F32(_) => unreachable!("handled above"),
+                MatrixData::Bf16(w) => widen_bf16(&w[j * k..(j + 1) * k], o),
+                MatrixData::Q8 { values, scales } => {
+                    let blocks = k / Q8_BLOCK;
+                    for ((o, q), s) in o
+                        .chunks_exact_mut(Q8_BLOCK)
+                        .zip(values[j * k..(j + 1) * k].chunks_exact(Q8_BLOCK))
+                        .zip(&scales[j * blocks..(j + 1) * blocks])
+                    {
+                        for (o, &q) in o.iter_mut().zip(q) {
+                            *o = q as f32 * s;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
+    }
+
+    /// `x · Wᵀ` for the few rows of `x` (`[m, cols]`, row-major), streaming `W` once: each
+    /// weight row is read and dotted with every input row. Returns `[m, rows]`.
+    fn mul_few_rows(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        let (n, k) = (self.rows, self.cols);
+        let contiguous;
+        let guard;
+        let w_f32: &[f32] = match &self.data {
+            MatrixData::F32(t) => {
+                contiguous = t.contiguous()?;
+                guard = contiguous.storage_and_layout();
+                match (&*guard.0, guard.1.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+                    _ => return Err(crate::Error::usage("decoding steps need f32 CPU tensors")),
+                }
+            }
+            _ => &[],
+        };
+        let row_dot = |xr: &[f32], j: usize| -> f32 {
+            match &self.data {
+                MatrixData::F32(_) => dot(xr, &w_f32[j * k..(j + 1) * k]),
+                MatrixData::Bf16(w) => dot_bf16(xr, &w[j * k..(j + 1) * k]),
+                MatrixData::Q8 { values, scales } => {
+                    let blocks = k / Q8_BLOCK;
+                    dot_q8(xr, &values[j * k..(j + 1) * k], &scales[j * blocks..(j + 1) * blocks])
+                }
+            }
+        };
+        const CHUNK: usize = 64;
+        let mut out_t = vec![0f32; n * m];
+        out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
+            for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+                let j = c * CHUNK + jj;
+                let b = bias.map_or(0.0, |b| b[j]);
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = row_dot(&x[i * k..(i + 1) * k], j) + b;
+                }
+            }
+        });
+        let mut out = vec![0f32; m * n];
+        for j in 0..n {
+            for i in 0..m {
+                out[i * n + j] = out_t[j * m + i];
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// `nn.Linear`, applied to the last dimension of any-rank input. The bias is used when the
 /// checkpoint has one (DaViT's `qkv_bias = false` configs have none).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`, as stored in checkpoints.
-    weight: Tensor,
-    /// `[in, out]` copy for narrow inputs, where the GEMM is faster on it than on a view.
+    weight: Matrix,
+    /// `[in, out]` f32 copy for narrow inputs, where the GEMM is faster on it than on a view.
     weight_t: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if vb.contains_tensor("bias") { Some(vb.get(out_dim, "bias")?) } else { None };
-        Self::from_weights(weight, bias)
+        Self::from_weights(Matrix::new(weight, format)?, bias)
     }
 
     /// A linear map from an `[out, in]` weight and an optional `[out]` bias.
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    pub fn from_weights(weight: Matrix, bias: Option<Tensor>) -> Result<Self> {
         // Measured: with 128 inputs (DaViT's first stage) the GEMM runs 20% faster on a
         // contiguous [in, out] matrix; wider layers run as fast on the view and skip the copy.
-        let weight_t = if weight.dim(1)? <= 128 { Some(weight.t()?.contiguous()?) } else { None };
+        let weight_t = match &weight.data {
+            MatrixData::F32(w) if weight.cols <= 128 => Some(w.t()?.contiguous()?),
+            _ => None,
+        };
         Ok(Self { weight, weight_t, bias })
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.rows
     }
 
     /// `x · Wᵀ + b` with a GEMM, for many rows (images, prompts).
@@ -56,13 +215,19 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if decode && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 && x.device().is_cpu() {
-            self.forward_few_rows(&x2)?
+        let y = if decode && x.dtype() == DType::F32 && x.device().is_cpu() {
+            let xs: Vec<f32> = x2.flatten_all()?.to_vec1()?;
+            let bias: Option<Vec<f32>> = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+                None => None,
+            };
+            let y = self.weight.mul_few_rows(&xs, rows, bias.as_deref())?;
+            Tensor::from_vec(y, (rows, self.out_dim()), x.device())?
         } else {
             // The GEMM reads the checkpoint's [out, in] layout through a transposed view.
             let y = match &self.weight_t {
                 Some(wt) => x2.matmul(wt)?,
-                None => x2.matmul(&self.weight.t()?)?,
+                None => x2.matmul(&self.weight.to_f32(x.device())?.t()?)?,
             };
             match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -73,52 +238,14 @@ impl Linear {
         *out_dims.last_mut().unwrap() = self.out_dim();
         Ok(y.reshape(out_dims)?)
     }
-
-    /// Few rows make the product memory-bound: stream each weight row once and take its dot
-    /// product with every input row, instead of packing the weight for a GEMM.
-    fn forward_few_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, k) = x.dims2()?;
-        let n = self.out_dim();
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let w = self.weight.contiguous()?;
-        let (storage, layout) = w.storage_and_layout();
-        let w: &[f32] = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-            _ => unreachable!("checked f32 on the CPU"),
-        };
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
-        };
-        const CHUNK: usize = 64;
-        let mut out_t = vec![0f32; n * rows];
-        out_t.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, out)| {
-            let j0 = c * CHUNK;
-            for (jj, o) in out.chunks_exact_mut(rows).enumerate() {
-                let j = j0 + jj;
-                let wr = &w[j * k..(j + 1) * k];
-                let b = bias.as_ref().map_or(0.0, |b| b[j]);
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o = dot(&xs[i * k..(i + 1) * k], wr) + b;
-                }
-            }
-        });
-        let mut out = vec![0f32; rows * n];
-        for j in 0..n {
-            for i in 0..rows {
-                out[i * n + j] = out_t[j * rows + i];
-            }
-        }
-        Ok(Tensor::from_vec(out, (rows, n), x.device())?)
-    }
 }
 
 /// Defines `$name`, which runs `$portable` compiled for AVX2 + FMA when the CPU has them and
 /// as plain code otherwise (runtime dispatch keeps the binary portable).
 macro_rules! with_avx2 {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $portable:ident) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $portable:ident) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -153,6 +280,62 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+with_avx2!(
+    /// Dot product of `a` with bf16 values given as raw bits.
+    #[inline]
+    fn dot_bf16(a: &[f32], b: &[u16]) -> f32 = dot_bf16_portable
+);
+
+#[inline(always)]
+fn dot_bf16_portable(a: &[f32], b: &[u16]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, &y)| x * bf16_bits_to_f32(y)).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..L {
+            acc[l] += x[l] * bf16_bits_to_f32(y[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// bf16 is the top half of an f32; NaN payloads survive the shift, so no special case is needed.
+#[inline(always)]
+fn bf16_bits_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    for (o, &b) in dst.iter_mut().zip(src) {
+        *o = bf16_bits_to_f32(b);
+    }
+}
+
+with_avx2!(
+    /// Dot product of `a` with int8 blocks of [`Q8_BLOCK`] values, each block with its scale.
+    #[inline]
+    fn dot_q8(a: &[f32], q: &[i8], scales: &[f32]) -> f32 = dot_q8_portable
+);
+
+#[inline(always)]
+fn dot_q8_portable(a: &[f32], q: &[i8], scales: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    for ((x, q), &s) in a.chunks_exact(Q8_BLOCK).zip(q.chunks_exact(Q8_BLOCK)).zip(scales) {
+        let mut block = [0f32; L];
+        for h in 0..Q8_BLOCK / L {
+            for l in 0..L {
+                block[l] += x[h * L + l] * q[h * L + l] as f32;
+            }
+        }
+        for l in 0..L {
+            acc[l] += block[l] * s;
+        }
+    }
+    acc.iter().sum()
 }
 
 /// LayerNorm over the last dimension (eps 1e-5 everywhere in Florence-2).
@@ -235,9 +418,80 @@ fn exp_neg(z: f64) -> f64 {
     p * f64::from_bits(((1023 - k as i64) as u64) << 52)
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension (inference only: it has no backward pass).
+///
+/// candle's version calls libm's scalar `expf` per score, which cost about a third of the text
+/// encoder's time; this one vectorizes the exponential.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax_last_dim(x)?)
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(candle_nn::ops::softmax_last_dim(x)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim)?)
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((start, end))) => &v[start..end],
+            _ => candle_core::bail!("softmax: contiguous f32 only"),
+        };
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = src.to_vec();
+        let rows_per_task = (1 << 14) / n + 1;
+        out.par_chunks_mut(rows_per_task * n).for_each(|rows| softmax_rows(rows, n));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+with_avx2!(
+    /// Softmax of each `n`-long row of `rows`, in place.
+    pub(crate) fn softmax_rows(rows: &mut [f32], n: usize) -> () = softmax_rows_portable
+);
+
+#[inline(always)]
+fn softmax_rows_portable(rows: &mut [f32], n: usize) {
+    const L: usize = 16;
+    for row in rows.chunks_exact_mut(n) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut acc = [0f32; L];
+        let mut chunks = row.chunks_exact_mut(L);
+        for c in &mut chunks {
+            for l in 0..L {
+                c[l] = exp_f32(c[l] - max);
+                acc[l] += c[l];
+            }
+        }
+        let mut sum: f32 = 0.0;
+        for x in chunks.into_remainder() {
+            *x = exp_f32(*x - max);
+            sum += *x;
+        }
+        let sum = acc.iter().sum::<f32>() + sum;
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+}
+
+/// `e^x` for `x <= 0` (softmax scores less their maximum) within 2 ulp (Cephes' `expf`: `2^k * e^r`, `|r| <= ln2/2`, degree-7 polynomial),
+/// written without calls or branches so that loops over it vectorize. `x` below the smallest
+/// normal result gives 0.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let xc = x.clamp(-87.33, 88.0);
+    let k = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = xc - k * 0.693_359_4 + k * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scaled = y * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x < -87.33 { 0.0 } else { scaled }
 }
 
 /// A 3x3 depthwise convolution with padding 1 and a bias, fused with its residual:
@@ -316,13 +570,9 @@ impl CustomOp1 for DepthwiseConv3x3Residual {
 }
 
 /// Scaled dot-product attention over `[.., Lq, D]` x `[.., Lk, D]`, with `q` already scaled.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // A transposed view: the GEMM reads K in place.
     let scores = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
     Ok(softmax(&scores)?.matmul(v)?)
 }
 
@@ -335,14 +585,63 @@ mod tests {
     #[test]
     fn few_row_path_matches_gemm() -> Result<()> {
         let dev = Device::Cpu;
-        for (rows, k, n) in [(1, 37, 5), (3, 768, 130), (16, 64, 64)] {
-            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
-            let lin = Linear::from_weights(w.clone(), Some(b.clone()))?;
-            let expected = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-            let diff = (lin.forward_decode(&x)? - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{rows}x{k}x{n}: {diff}");
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            for (rows, k, n) in [(1, 37, 5), (3, 768, 130), (16, 64, 64)] {
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+                let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+                let lin = Linear::from_weights(Matrix::new(w.clone(), format)?, Some(b.clone()))?;
+                // The matrix the reduced format stands for, widened independently of the kernels.
+                let stored = match (format, k % Q8_BLOCK) {
+                    (WeightFormat::F32, _) => w.clone(),
+                    (WeightFormat::Bf16, _) | (WeightFormat::Q8, 1..) => w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                    (WeightFormat::Q8, 0) => lin.weight.to_f32(&dev)?,
+                };
+                let expected = x.matmul(&stored.t()?)?.broadcast_add(&b)?;
+                for y in [lin.forward_decode(&x)?, lin.forward(&x)?] {
+                    let diff = (y - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-4, "{format:?} {rows}x{k}x{n}: {diff}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each int8 value is within half a step of the weight it stands for, and rows read back
+    /// through the embedding lookup are the same values.
+    #[test]
+    fn q8_rounds_each_block_to_its_own_scale() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = (Tensor::randn(0f32, 1.0, (6, 96), &dev)? * Tensor::new(&[[1e-3f32], [1.0], [50.0], [0.0], [1.0], [1.0]], &dev)?.broadcast_as((6, 96))?)?;
+        let m = Matrix::new(w.clone(), WeightFormat::Q8)?;
+        let back: Vec<Vec<f32>> = m.to_f32(&dev)?.to_vec2()?;
+        let orig: Vec<Vec<f32>> = w.to_vec2()?;
+        for (r, (a, b)) in orig.iter().zip(&back).enumerate() {
+            for (blk_a, blk_b) in a.chunks(Q8_BLOCK).zip(b.chunks(Q8_BLOCK)) {
+                let step = blk_a.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                for (x, y) in blk_a.iter().zip(blk_b) {
+                    assert!((x - y).abs() <= step * 0.5 + 1e-12, "row {r}: {x} stored as {y}");
+                }
+            }
+        }
+        let rows: Vec<Vec<f32>> = m.rows_f32(&[4, 2], &dev)?.to_vec2()?;
+        assert_eq!(rows, vec![back[4].clone(), back[2].clone()]);
+        Ok(())
+    }
+
+    #[test]
+    fn exp_and_softmax_match_libm() -> Result<()> {
+        for i in -40000..=0 {
+            let x = i as f32 * 0.0025;
+            let (ours, libm) = (exp_f32(x), x.exp());
+            assert!((ours - libm).abs() <= 2.0 * f32::EPSILON * libm + 2.0 * f32::MIN_POSITIVE, "exp({x}) = {ours}, libm gives {libm}");
+        }
+        assert_eq!((exp_f32(-100.0), exp_f32(f32::NEG_INFINITY)), (0.0, 0.0));
+        let dev = Device::Cpu;
+        for shape in [(3, 7), (2, 577), (5, 16)] {
+            let x = Tensor::randn(0f32, 4.0, shape, &dev)?;
+            let diff = (softmax(&x)? - candle_nn::ops::softmax_last_dim(&x)?)?.abs()?.flatten_all()?.max(0)?;
+            assert!(diff.to_scalar::<f32>()? < 1e-6, "{shape:?}");
         }
         Ok(())
     }

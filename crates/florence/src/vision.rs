@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{attention, gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear};
+use crate::nn::{attention, gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -59,8 +59,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { fc1: Linear::new(dim, hidden, vb.pp("fc1"))?, fc2: Linear::new(hidden, dim, vb.pp("fc2"))? })
+    fn new(dim: usize, hidden: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(dim, hidden, vb.pp("fc1"), format)?,
+            fc2: Linear::new(hidden, dim, vb.pp("fc2"), format)?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
@@ -103,7 +106,7 @@ impl WindowAttention {
         let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let y = attention(&q, &k, &v, None)?.transpose(1, 2)?.reshape((n, ws * ws, c))?;
+        let y = attention(&q, &k, &v)?.transpose(1, 2)?.reshape((n, ws * ws, c))?;
         let y = self.proj.forward(&y)?;
         let y = y
             .reshape((b, nh, nw, ws, ws, c))?
@@ -171,17 +174,18 @@ impl DualBlock {
         mixer_name: &str,
         mixer_of: impl FnOnce(Linear, Linear) -> Mixer,
         vb: VarBuilder,
+        format: WeightFormat,
     ) -> Result<Self> {
         let attn = vb.pp(mixer_name);
-        let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"))?;
-        let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"))?;
+        let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"), format)?;
+        let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"), format)?;
         Ok(Self {
             conv1: DepthwiseConv3x3Residual::new(dim, vb.pp("conv1").pp("fn").pp("dw"))?,
             norm1: LayerNorm::new(dim, attn.pp("norm"))?,
             mixer: mixer_of(qkv, proj),
             conv2: DepthwiseConv3x3Residual::new(dim, vb.pp("conv2").pp("fn").pp("dw"))?,
             norm2: LayerNorm::new(dim, vb.pp("ffn").pp("norm"))?,
-            ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"))?,
+            ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"), format)?,
         })
     }
 
@@ -207,7 +211,8 @@ pub struct DaViT {
 }
 
 impl DaViT {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads `vision_tower.*`, holding the attention and MLP weights in `format`.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let mut convs = Vec::new();
         let mut blocks = Vec::new();
         for i in 0..cfg.dim_embed.len() {
@@ -225,6 +230,7 @@ impl DaViT {
                     "window_attn",
                     |qkv, proj| Mixer::Window(WindowAttention { qkv, proj, heads, window }),
                     vb.pp("spatial_block"),
+                    format,
                 )?;
                 let channel = DualBlock::new(
                     dim,
@@ -232,6 +238,7 @@ impl DaViT {
                     "channel_attn",
                     |qkv, proj| Mixer::Channel(ChannelAttention { qkv, proj, groups }),
                     vb.pp("channel_block"),
+                    format,
                 )?;
                 pairs.push((spatial, channel));
             }
