@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use florence::generation::{generate, StepDecoder};
-use florence::{Florence, LoadOptions, Task};
+use florence::{Florence, Task};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -28,6 +28,8 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    #[command(flatten)]
+    precision: crate::precision::PrecisionArgs,
 }
 
 /// Times each decoder step.
@@ -66,7 +68,7 @@ fn ms(d: Duration) -> f64 {
 
 pub fn bench(a: BenchArgs) -> florence::Result<()> {
     let t = Instant::now();
-    let model = Florence::load(&a.model, &LoadOptions::default())?;
+    let model = Florence::load(&a.model, &a.precision.load_options())?;
     let load = t.elapsed();
     let task = Task::new(&a.task, None)?;
     let mut gen = model.generation_config().clone();
@@ -116,6 +118,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    println!("weights              {}", a.precision.describe());
     println!("model load           {:9.1} ms", ms(load));
     let names = ["image decode", "preprocess", "vision tower", "projector", "text encoder", "decoder step (mean)", "search + reorder", "end to end (no load)"];
     for (i, n) in names.iter().enumerate() {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::ValueEnum;
 use florence::dataset::{self, Existing, InputImage};
 use florence::preprocess::DecodeOptions;
-use florence::{Error, Florence, GenerationConfig, LoadOptions, RgbImage, Task};
+use florence::{Error, Florence, GenerationConfig, RgbImage, Task};
 use serde_json::{json, Value};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,6 +89,8 @@ pub struct CaptionArgs {
     /// Images per forward pass.
     #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Performance")]
     batch_size: usize,
+    #[command(flatten)]
+    precision: crate::precision::PrecisionArgs,
 
     /// Image files and folders (PNG, JPEG, WebP, GIF, BMP, TIFF, recognized by content).
     #[arg(value_name = "IMAGE_OR_DIR", required_unless_present = "files_from", help_heading = "Input")]
@@ -375,13 +377,13 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                         bar.set_message("loading model");
                         let offline = a.offline || florence::hub::offline_from_env();
                         let dir = bar.suspend(|| florence::hub::resolve(&a.model, offline, !a.quiet))?;
-                        let model = Florence::load(&dir, &LoadOptions::default())?;
+                        let model = Florence::load(&dir, &a.precision.load_options())?;
                         let gen = generation_config(&model, &a);
                         gen.validate(model.model.max_decoder_positions())?;
                         let gen_json = json!({
                             "num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens,
                             "min_new_tokens": gen.min_new_tokens, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
-                            "do_sample": gen.sampling.is_some(),
+                            "do_sample": gen.sampling.is_some(), "weights": a.precision.describe(),
                         });
                         engine = Some((model, gen, gen_json));
                         bar.set_message("");

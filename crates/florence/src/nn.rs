@@ -132,26 +132,15 @@ impl Matrix {
             }
             _ => &[],
         };
-        let row_dot = |xr: &[f32], j: usize| -> f32 {
-            match &self.data {
-                MatrixData::F32(_) => dot(xr, &w_f32[j * k..(j + 1) * k]),
-                MatrixData::Bf16(w) => dot_bf16(xr, &w[j * k..(j + 1) * k]),
-                MatrixData::Q8 { values, scales } => {
-                    let blocks = k / Q8_BLOCK;
-                    dot_q8(xr, &values[j * k..(j + 1) * k], &scales[j * blocks..(j + 1) * blocks])
-                }
-            }
-        };
         const CHUNK: usize = 64;
         let mut out_t = vec![0f32; n * m];
         out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
-            for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-                let j = c * CHUNK + jj;
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o = row_dot(&x[i * k..(i + 1) * k], j) + b;
-                }
-            }
+            let weights = match &self.data {
+                MatrixData::F32(_) => RowsRef::F32(w_f32),
+                MatrixData::Bf16(w) => RowsRef::Bf16(w),
+                MatrixData::Q8 { values, scales } => RowsRef::Q8(values, scales),
+            };
+            rows_times_weight_rows(weights, k, x, m, c * CHUNK, bias.unwrap_or(&[]), out);
         });
         let mut out = vec![0f32; m * n];
         for j in 0..n {
@@ -194,6 +183,10 @@ impl Linear {
 
     pub fn out_dim(&self) -> usize {
         self.weight.rows
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// `x · Wᵀ + b` with a GEMM, for many rows (images, prompts).
@@ -262,44 +255,103 @@ macro_rules! with_avx2 {
     };
 }
 
-with_avx2!(
-    /// Dot product of two equal-length slices.
-    #[inline]
-    fn dot(a: &[f32], b: &[f32]) -> f32 = dot_portable
-);
-
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..L {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+/// The weight rows of a [`Matrix`], borrowed for a decoding-step product.
+#[derive(Clone, Copy)]
+enum RowsRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    Q8(&'a [i8], &'a [f32]),
 }
 
 with_avx2!(
-    /// Dot product of `a` with bf16 values given as raw bits.
-    #[inline]
-    fn dot_bf16(a: &[f32], b: &[u16]) -> f32 = dot_bf16_portable
+    /// For weight rows `j0..j0 + out.len() / m`: `out[jj * m + i] = x_i · w_(j0+jj) + bias`.
+    fn rows_times_weight_rows(w: RowsRef, k: usize, x: &[f32], m: usize, j0: usize, bias: &[f32], out: &mut [f32]) -> () = rows_times_weight_rows_portable
 );
 
 #[inline(always)]
-fn dot_bf16_portable(a: &[f32], b: &[u16]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, &y)| x * bf16_bits_to_f32(y)).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..L {
-            acc[l] += x[l] * bf16_bits_to_f32(y[l]);
+fn rows_times_weight_rows_portable(w: RowsRef, k: usize, x: &[f32], m: usize, j0: usize, bias: &[f32], out: &mut [f32]) {
+    for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+        let j = j0 + jj;
+        let b = bias.get(j).copied().unwrap_or(0.0);
+        // Up to four input rows share each load (and widening) of the weight row.
+        for (g, o) in o.chunks_mut(4).enumerate() {
+            let xs = &x[g * 4 * k..(g * 4 + o.len()) * k];
+            match o.len() {
+                4 => dot_rows::<4>(w, j, k, xs, o),
+                3 => dot_rows::<3>(w, j, k, xs, o),
+                2 => dot_rows::<2>(w, j, k, xs, o),
+                _ => dot_rows::<1>(w, j, k, xs, o),
+            }
+            o.iter_mut().for_each(|o| *o += b);
         }
     }
-    acc.iter().sum::<f32>() + tail
+}
+
+/// Lanes per accumulator. Each output sums in the same order whatever the number of rows, so
+/// batches and single images agree bit for bit.
+const LANES: usize = 16;
+
+/// `out[r] = xs_r · w_j` for the `R` rows of `xs` (each `k` long), reading weight row `j` once
+/// and widening it in registers.
+#[inline(always)]
+fn dot_rows<const R: usize>(w: RowsRef, j: usize, k: usize, xs: &[f32], out: &mut [f32]) {
+    let mut acc = [[0f32; LANES]; R];
+    let whole = k / LANES * LANES;
+    let mut tail = [0f32; R];
+    match w {
+        RowsRef::F32(w) => {
+            let w = &w[j * k..(j + 1) * k];
+            for c in (0..whole).step_by(LANES) {
+                let wc: &[f32; LANES] = w[c..c + LANES].try_into().expect("whole chunk");
+                fma_rows(&mut acc, wc, xs, k, c);
+            }
+            for (r, t) in tail.iter_mut().enumerate() {
+                *t = (whole..k).map(|i| xs[r * k + i] * w[i]).sum();
+            }
+        }
+        RowsRef::Bf16(w) => {
+            let w = &w[j * k..(j + 1) * k];
+            for c in (0..whole).step_by(LANES) {
+                let wc: &[u16; LANES] = w[c..c + LANES].try_into().expect("whole chunk");
+                fma_rows(&mut acc, &wc.map(bf16_bits_to_f32), xs, k, c);
+            }
+            for (r, t) in tail.iter_mut().enumerate() {
+                *t = (whole..k).map(|i| xs[r * k + i] * bf16_bits_to_f32(w[i])).sum();
+            }
+        }
+        RowsRef::Q8(q, s) => {
+            // Whole blocks only: sum each block unscaled, then add it times its scale.
+            let blocks = k / Q8_BLOCK;
+            let (q, s) = (&q[j * k..(j + 1) * k], &s[j * blocks..(j + 1) * blocks]);
+            for (blk, (qb, &sb)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
+                let mut part = [[0f32; LANES]; R];
+                for h in 0..Q8_BLOCK / LANES {
+                    let c = blk * Q8_BLOCK + h * LANES;
+                    let qc: &[i8; LANES] = qb[h * LANES..(h + 1) * LANES].try_into().expect("whole chunk");
+                    fma_rows(&mut part, &qc.map(|q| q as f32), xs, k, c);
+                }
+                for (acc, part) in acc.iter_mut().zip(&part) {
+                    for l in 0..LANES {
+                        acc[l] = part[l].mul_add(sb, acc[l]);
+                    }
+                }
+            }
+        }
+    }
+    for ((o, acc), t) in out.iter_mut().zip(&acc).zip(tail) {
+        *o = acc.iter().sum::<f32>() + t;
+    }
+}
+
+/// `acc[r] += xs_r[c..c + LANES] * w` for each row `r`, with fused multiply-adds.
+#[inline(always)]
+fn fma_rows<const R: usize>(acc: &mut [[f32; LANES]; R], w: &[f32; LANES], xs: &[f32], k: usize, c: usize) {
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let x: &[f32; LANES] = xs[r * k + c..r * k + c + LANES].try_into().expect("whole chunk");
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add(w[l], acc[l]);
+        }
+    }
 }
 
 /// bf16 is the top half of an f32; NaN payloads survive the shift, so no special case is needed.
@@ -312,30 +364,6 @@ fn widen_bf16(src: &[u16], dst: &mut [f32]) {
     for (o, &b) in dst.iter_mut().zip(src) {
         *o = bf16_bits_to_f32(b);
     }
-}
-
-with_avx2!(
-    /// Dot product of `a` with int8 blocks of [`Q8_BLOCK`] values, each block with its scale.
-    #[inline]
-    fn dot_q8(a: &[f32], q: &[i8], scales: &[f32]) -> f32 = dot_q8_portable
-);
-
-#[inline(always)]
-fn dot_q8_portable(a: &[f32], q: &[i8], scales: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    for ((x, q), &s) in a.chunks_exact(Q8_BLOCK).zip(q.chunks_exact(Q8_BLOCK)).zip(scales) {
-        let mut block = [0f32; L];
-        for h in 0..Q8_BLOCK / L {
-            for l in 0..L {
-                block[l] += x[h * L + l] * q[h * L + l] as f32;
-            }
-        }
-        for l in 0..L {
-            acc[l] += block[l] * s;
-        }
-    }
-    acc.iter().sum()
 }
 
 /// LayerNorm over the last dimension (eps 1e-5 everywhere in Florence-2).
@@ -567,6 +595,46 @@ impl CustomOp1 for DepthwiseConv3x3Residual {
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// `dst = lhs · rhs` for `[m, k] x [k, n]` f32 matrices given as slices with `(row, column)`
+/// strides, on the calling thread (callers parallelize over many small products).
+///
+/// # Safety
+/// Every index `r * row_stride + c * col_stride` within each matrix's shape must lie in its slice.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        dst_strides.1 as isize,
+        dst_strides.0 as isize,
+        false,
+        lhs.as_ptr(),
+        lhs_strides.1 as isize,
+        lhs_strides.0 as isize,
+        rhs.as_ptr(),
+        rhs_strides.1 as isize,
+        rhs_strides.0 as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// Scaled dot-product attention over `[.., Lq, D]` x `[.., Lk, D]`, with `q` already scaled.

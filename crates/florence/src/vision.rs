@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{attention, gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
+use crate::nn::{gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -80,44 +80,101 @@ struct WindowAttention {
 }
 
 impl WindowAttention {
+    /// Equals the reference's pad / partition / attend / merge / crop, without materializing
+    /// windows: the projections run on the real tokens only, and each window's scores live in a
+    /// small per-task buffer instead of one `[windows, heads, N, N]` tensor (85 MB at stage 0).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let ws = self.window;
-        let (pad_b, pad_r) = ((ws - h % ws) % ws, (ws - w % ws) % ws);
-        let x = if pad_b > 0 || pad_r > 0 {
-            x.pad_with_zeros(1, 0, pad_b)?.pad_with_zeros(2, 0, pad_r)?
-        } else {
-            x.clone()
+        let qkv = self.qkv.forward(x)?;
+        // The reference pads the input with zeros before `qkv`, so padded tokens carry its bias.
+        let pad_token = match self.qkv.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?,
+            None => vec![0f32; 3 * c],
         };
-        let (hp, wp) = (h + pad_b, w + pad_r);
-        let (nh, nw) = (hp / ws, wp / ws);
-        let windows = x
-            .reshape((b, nh, ws, nw, ws, c))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .contiguous()?
-            .reshape((b * nh * nw, ws * ws, c))?;
-        let n = b * nh * nw;
-        let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(&windows)?
-            .reshape((n, ws * ws, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let y = attention(&q, &k, &v)?.transpose(1, 2)?.reshape((n, ws * ws, c))?;
-        let y = self.proj.forward(&y)?;
-        let y = y
-            .reshape((b, nh, nw, ws, ws, c))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .contiguous()?
-            .reshape((b, hp, wp, c))?;
-        if pad_b > 0 || pad_r > 0 {
-            Ok(y.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()?)
-        } else {
-            Ok(y)
+        let y = window_attention(&qkv, &pad_token, (b, h, w, c), self.heads, self.window)?;
+        self.proj.forward(&y)
+    }
+}
+
+/// Multi-head attention inside each `ws x ws` window of `qkv` (`[B, H, W, 3C]`, channel-last,
+/// `[q | k | v]` per token); windows reaching past the map use `pad_token` for the missing
+/// tokens. Returns the attended values `[B, H, W, C]` of the real tokens.
+fn window_attention(
+    qkv: &Tensor,
+    pad_token: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    heads: usize,
+    ws: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let src: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) => &v[s..e],
+        _ => return Err(crate::Error::usage("window attention runs on f32 CPU tensors")),
+    };
+    let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+    let (n, hd) = (ws * ws, c / heads);
+    let scale = (hd as f64).powf(-0.5) as f32;
+    let mut out = vec![0f32; b * h * w * c];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * nh * nw * heads).into_par_iter().for_each(|task| {
+        let (window, head) = (task / heads, task % heads);
+        let (img, wy, wx) = (window / (nh * nw), window / nw % nh, window % nw);
+        // Token t of the window is pixel (wy*ws + t/ws, wx*ws + t%ws); None past the edge.
+        let pixel = |t: usize| {
+            let (y, x) = (wy * ws + t / ws, wx * ws + t % ws);
+            (y < h && x < w).then(|| (img * h + y) * w + x)
+        };
+        let mut q = vec![0f32; n * hd];
+        let mut k = vec![0f32; n * hd];
+        let mut v = vec![0f32; n * hd];
+        for t in 0..n {
+            let token = match pixel(t) {
+                Some(p) => &src[p * 3 * c..(p + 1) * 3 * c],
+                None => pad_token,
+            };
+            for (dst, part) in [(&mut q, 0), (&mut k, 1), (&mut v, 2)] {
+                dst[t * hd..(t + 1) * hd].copy_from_slice(&token[part * c + head * hd..][..hd]);
+            }
         }
+        // q is scaled before the product, as the reference does.
+        q.iter_mut().for_each(|x| *x *= scale);
+        let mut scores = vec![0f32; n * n];
+        let mut o = vec![0f32; n * hd];
+        // SAFETY: every slice spans its buffer with the given strides (row-major, K read as Kᵀ).
+        unsafe {
+            crate::nn::gemm_f32(n, n, hd, &mut scores, (n, 1), &q, (hd, 1), &k, (1, hd));
+        }
+        crate::nn::softmax_rows(&mut scores, n);
+        unsafe {
+            crate::nn::gemm_f32(n, hd, n, &mut o, (hd, 1), &scores, (n, 1), &v, (hd, 1));
+        }
+        for t in 0..n {
+            if let Some(p) = pixel(t) {
+                // SAFETY: (pixel, head) pairs are disjoint across tasks and inside `out`.
+                unsafe {
+                    let dst = out_ptr.get().add(p * c + head * hd);
+                    std::ptr::copy_nonoverlapping(o[t * hd..].as_ptr(), dst, hd);
+                }
+            }
+        }
+    });
+    drop(storage);
+    Ok(Tensor::from_vec(out, (b, h, w, c), qkv.device())?)
+}
+
+/// A pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes, each task its own elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Through a method, so that closures capture the whole (Sync) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
