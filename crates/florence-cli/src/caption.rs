@@ -4,13 +4,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use clap::ValueEnum;
 use florence::dataset::{self, Existing, InputImage};
 use florence::preprocess::DecodeOptions;
-use florence::{Error, Florence, GenerationConfig, RgbImage, Task};
+use florence::{Error, Florence, GenerationConfig, ImageProcessor, PreparedImage, RgbImage, Task};
 use serde_json::{json, Value};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,6 +33,12 @@ pub enum ExistingArg {
     Append,
     /// Add the new caption before the existing one.
     Prepend,
+}
+
+/// What the loader thread hands over: resized too once the model's image size is known.
+enum Decoded {
+    Raw(RgbImage),
+    Prepared(PreparedImage),
 }
 
 #[derive(clap::Args)]
@@ -311,18 +317,26 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
     if !work.is_empty() {
         // Decode images on a worker thread while the model runs.
         let opts = DecodeOptions { exif_orientation: !a.no_exif_orientation, max_pixels: a.max_pixels };
-        let (tx, rx) = sync_channel::<(InputImage, Option<PathBuf>, Result<RgbImage, String>)>(2 * a.batch_size);
+        let (tx, rx) = sync_channel::<(InputImage, Option<PathBuf>, Result<Decoded, String>)>(2 * a.batch_size);
         let stop = interrupted.clone();
+        // Set once the model (and so its image size) is known; from then on the loader resizes too.
+        let processor: Arc<OnceLock<ImageProcessor>> = Arc::default();
+        let loader_processor = processor.clone();
         let loader = std::thread::spawn(move || {
             for (img, sidecar) in work {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let decoded = florence::preprocess::load_image_with(&img.path, &opts).map_err(|e| match e {
-                    Error::Image { message, .. } => format!("cannot decode image: {message}"),
-                    Error::Io { source, .. } => format!("cannot read: {source}"),
-                    other => other.to_string(),
-                });
+                let decoded = florence::preprocess::load_image_with(&img.path, &opts)
+                    .map(|rgb| match loader_processor.get() {
+                        Some(p) => Decoded::Prepared(p.prepare(&rgb)),
+                        None => Decoded::Raw(rgb),
+                    })
+                    .map_err(|e| match e {
+                        Error::Image { message, .. } => format!("cannot decode image: {message}"),
+                        Error::Io { source, .. } => format!("cannot read: {source}"),
+                        other => other.to_string(),
+                    });
                 if tx.send((img, sidecar, decoded)).is_err() {
                     break;
                 }
@@ -334,8 +348,8 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         let mut engine: Option<(Florence, GenerationConfig, Value)> = None;
         let model_id = a.model.clone();
         let single_input = a.inputs.len() == 1 && a.files_from.is_none();
-        let mut batch: Vec<(InputImage, Option<PathBuf>, RgbImage)> = Vec::with_capacity(a.batch_size);
-        let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, RgbImage)>,
+        let mut batch: Vec<(InputImage, Option<PathBuf>, PreparedImage)> = Vec::with_capacity(a.batch_size);
+        let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, PreparedImage)>,
                        engine: &Option<(Florence, GenerationConfig, Value)>,
                        sink: &mut Sink,
                        tally: &mut Tally|
@@ -344,9 +358,9 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
             if batch.is_empty() {
                 return Ok(());
             }
-            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<RgbImage>) =
-                batch.drain(..).map(|(img, sidecar, rgb)| ((img, sidecar), rgb)).unzip();
-            let results = model.run(&imgs, &task, gen)?;
+            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<PreparedImage>) =
+                batch.drain(..).map(|(img, sidecar, prepared)| ((img, sidecar), prepared)).unzip();
+            let results = model.run_prepared(&imgs, &task, gen)?;
             for ((img, sidecar), r) in items.into_iter().zip(results) {
                 let caption = match &r.result {
                     Value::String(s) => s.clone(),
@@ -372,7 +386,7 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         };
         for (img, sidecar, decoded) in rx {
             match decoded {
-                Ok(rgb) => {
+                Ok(decoded) => {
                     if engine.is_none() {
                         bar.set_message("loading model");
                         let offline = a.offline || florence::hub::offline_from_env();
@@ -385,10 +399,16 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                             "min_new_tokens": gen.min_new_tokens, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
                             "do_sample": gen.sampling.is_some(), "weights": a.precision.describe(),
                         });
+                        let _ = processor.set(model.processor.clone());
                         engine = Some((model, gen, gen_json));
                         bar.set_message("");
                     }
-                    batch.push((img, sidecar, rgb));
+                    let prepared = match decoded {
+                        Decoded::Prepared(p) => p,
+                        // Decoded before the model was known (the first few images).
+                        Decoded::Raw(rgb) => engine.as_ref().expect("loaded above").0.processor.prepare(&rgb),
+                    };
+                    batch.push((img, sidecar, prepared));
                 }
                 Err(reason) => {
                     report_failure(&mut sink, &mut tally, &img.path, &reason, &bar);

@@ -276,13 +276,13 @@ impl Florence2Config {
         }
         for i in 0..n {
             let c = v.dim_embed[i];
-            if v.num_heads[i] == 0 || c % v.num_heads[i] != 0 {
+            if v.num_heads[i] == 0 || !c.is_multiple_of(v.num_heads[i]) {
                 return Err(Error::config(format!(
                     "vision stage {i}: {c} channels do not split into {} heads",
                     v.num_heads[i]
                 )));
             }
-            if v.num_groups[i] == 0 || c % v.num_groups[i] != 0 {
+            if v.num_groups[i] == 0 || !c.is_multiple_of(v.num_groups[i]) {
                 return Err(Error::config(format!(
                     "vision stage {i}: {c} channels do not split into {} groups",
                     v.num_groups[i]
@@ -295,7 +295,7 @@ impl Florence2Config {
         if v.window_size == 0 {
             return Err(Error::config("vision_config.window_size must be positive"));
         }
-        if v.dim_embed[n - 1] % 2 != 0 {
+        if !v.dim_embed[n - 1].is_multiple_of(2) {
             return Err(Error::config("the last vision stage needs an even channel count"));
         }
         let t = &self.text;
@@ -303,7 +303,7 @@ impl Florence2Config {
             ("encoder_attention_heads", t.encoder_attention_heads),
             ("decoder_attention_heads", t.decoder_attention_heads),
         ] {
-            if heads == 0 || t.d_model % heads != 0 {
+            if heads == 0 || !t.d_model.is_multiple_of(heads) {
                 return Err(Error::config(format!(
                     "text_config.{name} = {heads} does not divide d_model = {}",
                     t.d_model

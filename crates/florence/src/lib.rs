@@ -44,7 +44,7 @@ pub use error::{Error, Result};
 pub use generation::{EarlyStopping, GenerationConfig, SamplingConfig};
 pub use model::Florence2;
 pub use nn::WeightFormat;
-pub use preprocess::{ImageProcessor, RgbImage};
+pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};
 pub use tasks::Task;
 pub use tokenizer::FlorenceTokenizer;
 
@@ -157,22 +157,40 @@ impl Florence {
 
     /// Stacks the pixel values of `images` into `[B, 3, H, W]`.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let prepared: Vec<PreparedImage> = images.iter().map(|img| self.processor.prepare(img)).collect();
+        self.stack(&prepared)
+    }
+
+    fn stack(&self, images: &[PreparedImage]) -> Result<Tensor> {
         let c = &self.processor.config;
         let mut data = Vec::with_capacity(images.len() * 3 * c.width * c.height);
         for img in images {
-            data.extend(self.processor.pixel_values(img));
+            if img.pixel_values.len() != 3 * c.width * c.height {
+                return Err(Error::usage(format!(
+                    "an image was prepared at another size than this model's {}x{}",
+                    c.width, c.height
+                )));
+            }
+            data.extend_from_slice(&img.pixel_values);
         }
         Ok(Tensor::from_vec(data, (images.len(), 3, c.height, c.width), self.model.device())?)
     }
 
     /// Runs `task` on a batch of images with the settings `gen`.
     pub fn run(&self, images: &[RgbImage], task: &Task, gen: &GenerationConfig) -> Result<Vec<Output>> {
+        let prepared: Vec<PreparedImage> = images.iter().map(|img| self.processor.prepare(img)).collect();
+        self.run_prepared(&prepared, task, gen)
+    }
+
+    /// [`run`](Self::run) on images already resized and normalized by [`ImageProcessor::prepare`]
+    /// (for example on a loader thread, while the model works on the previous batch).
+    pub fn run_prepared(&self, images: &[PreparedImage], task: &Task, gen: &GenerationConfig) -> Result<Vec<Output>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
         gen.validate(self.model.max_decoder_positions())?;
         let prompt = self.tokenizer.encode(&task.prompt)?;
-        let features = self.model.encode_image(&self.pixel_values(images)?)?;
+        let features = self.model.encode_image(&self.stack(images)?)?;
         let memory = self.model.encode(&features, &prompt)?;
         let mut decoder = self.model.decoder(&memory, gen.num_beams)?;
         let seqs = generation::generate(gen, images.len(), &mut decoder)?;

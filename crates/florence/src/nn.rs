@@ -516,7 +516,7 @@ fn exp_f32(x: f32) -> f32 {
     let k = (xc * std::f32::consts::LOG2_E + 0.5).floor();
     let r = xc - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * r * r + r + 1.0;
     let scaled = y * f32::from_bits(((k as i32 + 127) as u32) << 23);
     if x < -87.33 { 0.0 } else { scaled }

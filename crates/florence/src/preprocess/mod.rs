@@ -104,6 +104,16 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
     RgbImage { width, height, data }
 }
 
+/// An image ready for the model: its pixel values and the size it had before resizing (which
+/// post-processing maps boxes and polygons back to).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedImage {
+    /// Normalized `[3, H, W]` values at the processor's size.
+    pub pixel_values: Vec<f32>,
+    pub width: u32,
+    pub height: u32,
+}
+
 /// Turns RGB images into normalized `[3, H, W]` pixel values.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
@@ -113,6 +123,11 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     pub fn new(config: PreprocessorConfig) -> Self {
         Self { config }
+    }
+
+    /// Resizes and normalizes `img`, keeping its original size (safe to call on any thread).
+    pub fn prepare(&self, img: &RgbImage) -> PreparedImage {
+        PreparedImage { pixel_values: self.pixel_values(img), width: img.width, height: img.height }
     }
 
     /// Resizes and normalizes one image into channel-first f32 values, bit-exact with
