@@ -43,7 +43,7 @@ enum Command {
 
 Exit status: 0 when every image was captioned or skipped, 1 when some image failed (each is
 reported on stderr and in --errors), 2 when the run could not start or was interrupted.")]
-    Caption(caption::CaptionArgs),
+    Caption(Box<caption::CaptionArgs>),
     /// Time each stage of a generation (image decode, preprocessing, vision tower, projector,
     /// text encoder, decoder steps, search) and report peak memory.
     #[command(after_help = "Examples:\n  florence bench --model ./Florence-2-base --threads 2 --num-beams 3 --new-tokens 64 photo.jpg\n  florence bench --model ./Florence-2-base --threads 2 --quantize q8 photo.jpg")]
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
                 }
                 eprintln!("\nstopping after the current batch (Ctrl-C again to quit now)");
             });
-            caption::run(a, interrupted)
+            caption::run(*a, interrupted)
         }),
         Command::Bench(b) => set_threads(b.threads).and_then(|_| bench::bench(b.args)).map(|_| true),
     };
