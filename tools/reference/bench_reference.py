@@ -3,6 +3,7 @@
 
     python tools/reference/bench_reference.py --model /tmp/florence-base-native \\
         --florence target/release/florence --new-tokens 64 256 --repeats 3
+    python tools/reference/bench_reference.py --model /tmp/florence-base-native --vision --repeats 3
 
 Ours is timed end to end (process start to printed caption, model load included); the
 reference is the `generate` call with image loading and preprocessing, model load excluded,
@@ -44,12 +45,37 @@ def worker(args):
         with torch.no_grad():
             return model.generate(input_ids=ids, pixel_values=pv, **gen)
 
+    if args.vision:
+        pv = ref.pixel_values(args.image, 768).unsqueeze(0)
+
+        def run():  # noqa: F811 - the vision tower and projector only
+            with torch.no_grad():
+                return model.model.get_image_features(pixel_values=pv)
+
     run()
     t = time.perf_counter()
     out = run()
     seconds = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(seconds=seconds, peak_mb=peak_mb, tokens=out.shape[1] - 1)))
+    tokens = 0 if args.vision else out.shape[1] - 1
+    print(json.dumps(dict(seconds=seconds, peak_mb=peak_mb, tokens=tokens)))
+
+
+def vision_ratio(args):
+    """Vision tower + projector alone: `florence bench`'s stage times against get_image_features."""
+    print("| stage | ours (s) | transformers (s) | ratio |")
+    print("|---|---|---|---|")
+    ref_t, our_t = [], []
+    for _ in range(args.repeats):
+        _, _, out = timed([sys.executable, __file__, "--worker", "--vision", "--model", args.model, "--image",
+                           args.image, "--tokens", "1", "--beams", "1", "--threads", str(args.threads)])
+        ref_t.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+        _, _, out = timed([args.florence, "bench", "--model", args.model, "--threads", str(args.threads), "--runs", "1",
+                           "--new-tokens", "1", "--num-beams", "1", *args.florence_args.split(), args.image])
+        stages = {line[:20].strip(): line[20:].split() for line in out.splitlines()}
+        our_t.append((float(stages["vision tower"][0]) + float(stages["projector"][0])) / 1000)
+    rt, ot = statistics.median(ref_t), statistics.median(our_t)
+    print(f"| vision tower + projector | {ot:.2f} | {rt:.2f} | {ot / rt:.2f} |", flush=True)
 
 
 def timed(cmd):
@@ -74,12 +100,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--florence-args", default="", help="extra flags for florence caption, e.g. '--dtype bf16'")
+    ap.add_argument("--vision", action="store_true", help="time the vision tower and projector alone")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
+    if args.vision:
+        print(f"model {args.model}, image {os.path.basename(args.image)}, {args.threads} threads")
+        return vision_ratio(args)
     print(f"model {args.model}, image {os.path.basename(args.image)}, {args.beams} beams, {args.threads} threads")
     print("| new tokens | ours (s) | transformers (s) | ratio | ours peak RSS (MB) | transformers peak RSS (MB) | RSS ratio |")
     print("|---|---|---|---|---|---|---|")
