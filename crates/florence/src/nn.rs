@@ -1,18 +1,21 @@
-//! Layers shared by the vision encoder and the language model, and the depthwise convolution
-//! kernel that replaces candle's grouped convolution (about 75x slower for 3x3 depthwise).
+//! Layers shared by the vision encoder and the language model: weight matrices in f32, bf16 or
+//! int8 with the decoding-step kernel that reads them, LayerNorm, GELU, softmax, attention, and
+//! the depthwise convolution kernel that replaces candle's grouped convolution (about 75x slower
+//! for 3x3 depthwise).
+//!
+//! These are inference paths: the custom ops have no backward pass.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
-
 use rayon::prelude::*;
 
 use crate::error::Result;
 
 /// How a weight matrix is held in memory. Products are computed in f32 whatever the format:
 /// reduced formats are widened as they are read, which halves (bf16) or quarters (q8) the memory
-/// a decoding step streams, and leaves f32 exactly as transformers computes it.
+/// a decoding step streams. Only f32 is token-exact with transformers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     /// As in the checkpoint, exact.
