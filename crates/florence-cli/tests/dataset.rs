@@ -273,3 +273,38 @@ fn killed_run_leaves_no_partial_files_and_resumes() {
         assert_eq!(std::fs::read_to_string(sidecar(p)).unwrap(), want(p), "{}", p.display());
     }
 }
+
+/// A caption that cannot be written (here its path is taken by a folder, which root cannot
+/// bypass the way it bypasses permissions) is reported with its path and reason; the other
+/// images are still captioned and no temporary file is left.
+#[test]
+fn unwritable_caption_is_reported_and_the_run_goes_on() {
+    let model_dir = common::model_dir("native_f32");
+    let model = s(model_dir.path()).to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("b.txt").join("inside")).unwrap();
+    let mut images = Vec::new();
+    for name in ["a", "b", "c"] {
+        let p = data.join(format!("{name}.png"));
+        std::fs::copy(common::image("noise_rgb.png"), &p).unwrap();
+        images.push(p);
+    }
+    let errors = tmp.path().join("errors.jsonl");
+    let mut args = vec!["caption", "--model", &model, s(&data), "-q", "--existing", "overwrite", "--errors", s(&errors)];
+    args.extend(GEN);
+    let o = florence(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let logged: Vec<Value> =
+        std::fs::read_to_string(&errors).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["path"], s(&images[1]));
+    let reason = logged[0]["error"].as_str().unwrap();
+    assert!(reason.starts_with("cannot write ") && reason.contains("b.txt"), "{reason}");
+    let expected = single_captions(&model, &images[..1]);
+    for p in [&images[0], &images[2]] {
+        assert_eq!(std::fs::read_to_string(sidecar(p)).unwrap(), format!("{}\n", expected[&images[0]]));
+    }
+    assert!(sidecar(&images[1]).is_dir(), "the folder in the caption's place was touched");
+    assert!(temp_files(&data).is_empty(), "temporary files left behind");
+}
