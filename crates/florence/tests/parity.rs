@@ -100,14 +100,8 @@ fn generated_tokens_equal_the_reference() {
         let dir = common::model_dir(&name);
         let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
         for case in common::cases(&name)["cases"].as_array().unwrap() {
-            let task = Task::new(case["task"].as_str().unwrap(), case["text_input"].as_str()).unwrap();
+            let (task, images) = common::case_inputs(case);
             let gen = generation_config(model.generation_config(), &case["generation"]);
-            let images: Vec<_> = case["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| florence::preprocess::load_image(&common::image(i.as_str().unwrap())).unwrap())
-                .collect();
             let outputs = model.run(&images, &task, &gen).unwrap();
             for (i, out) in outputs.iter().enumerate() {
                 let want: Vec<u32> =

@@ -53,13 +53,7 @@ fn reduced_precision_stays_close_to_f32() {
         for ((_, vision, language), report) in FORMATS.iter().zip(&mut reports) {
             let reduced = load(dir.path(), *vision, *language);
             for case in cases {
-                let task = Task::new(case["task"].as_str().unwrap(), case["text_input"].as_str()).unwrap();
-                let images: Vec<_> = case["images"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| florence::preprocess::load_image(&common::image(i.as_str().unwrap())).unwrap())
-                    .collect();
+                let (task, images) = common::case_inputs(case);
                 for img in &images {
                     let (a, b) = (first_logits(&exact, img), first_logits(&reduced, img));
                     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));

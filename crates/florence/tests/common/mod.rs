@@ -70,3 +70,15 @@ pub fn model_dir(name: &str) -> tempfile::TempDir {
 pub fn image(name: &str) -> PathBuf {
     fixtures().join("images").join(name)
 }
+
+/// The task and the decoded images of one generation case of `*.cases.json`.
+pub fn case_inputs(case: &Value) -> (florence::Task, Vec<florence::RgbImage>) {
+    let task = florence::Task::new(case["task"].as_str().unwrap(), case["text_input"].as_str()).unwrap();
+    let images = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| florence::preprocess::load_image(&image(i.as_str().unwrap())).unwrap())
+        .collect();
+    (task, images)
+}
