@@ -2,12 +2,12 @@
 //! self-attention KV cache per layer, and cross-attention keys/values computed once per image
 //! and shared by all of that image's beams.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::nn::{attention, gelu, LayerNorm, Linear, Matrix, WeightFormat};
+use crate::nn::{attention, Epilogue, LayerNorm, Linear, Matrix, WeightFormat};
 
 /// BART's learned positions are offset by two rows (a fairseq legacy).
 const POSITION_OFFSET: usize = 2;
@@ -46,25 +46,25 @@ impl BartAttention {
     }
 
     fn scaled_query(&self, x: &Tensor, decode: bool) -> Result<Tensor> {
-        let q = if decode { self.q_proj.forward_decode(x)? } else { self.q_proj.forward(x)? };
+        let q = if decode { self.q_proj.forward_decode(x, Epilogue::None)? } else { self.q_proj.forward(x)? };
         Ok((q * (self.head_dim as f64).powf(-0.5))?)
     }
 
     /// Keys and values of `x`, split into heads.
     fn key_values(&self, x: &Tensor, decode: bool) -> Result<(Tensor, Tensor)> {
         let (k, v) = if decode {
-            (self.k_proj.forward_decode(x)?, self.v_proj.forward_decode(x)?)
+            (self.k_proj.forward_decode(x, Epilogue::None)?, self.v_proj.forward_decode(x, Epilogue::None)?)
         } else {
             (self.k_proj.forward(x)?, self.v_proj.forward(x)?)
         };
         Ok((self.split_heads(&k)?, self.split_heads(&v)?))
     }
 
-    /// Unmasked self-attention over the whole sequence (the encoder).
-    fn forward_full(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` plus its unmasked self-attention over the whole sequence (the encoder).
+    fn forward_full_residual(&self, x: &Tensor) -> Result<Tensor> {
         let q = self.split_heads(&self.scaled_query(x, false)?)?;
         let (k, v) = self.key_values(x, false)?;
-        self.out_proj.forward(&self.merge_heads(&attention(&q, &k, &v)?)?)
+        self.out_proj.forward_then(&self.merge_heads(&attention(&q, &k, &v)?)?, Epilogue::Residual(x))
     }
 }
 
@@ -90,9 +90,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.self_attn_layer_norm.forward(&(x + self.self_attn.forward_full(x)?)?)?;
-        let y = self.fc2.forward(&gelu(&self.fc1.forward(&x)?)?)?;
-        self.final_layer_norm.forward(&(x + y)?)
+        let x = self.self_attn_layer_norm.forward(&self.self_attn.forward_full_residual(x)?)?;
+        let y = self.fc2.forward_then(&self.fc1.forward_then(&x, Epilogue::Gelu)?, Epilogue::Residual(&x))?;
+        self.final_layer_norm.forward(&y)
     }
 }
 
@@ -176,9 +176,9 @@ impl DecoderLayer {
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
             None => (k, v),
         };
-        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v)?)?)?;
+        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v)?)?, Epilogue::Residual(x))?;
         state.self_kv = Some((k, v));
-        let x = self.self_attn_layer_norm.forward(&(x + y)?)?;
+        let x = self.self_attn_layer_norm.forward(&y)?;
 
         // All beams of an image attend to the same memory: fold them into the query length
         // instead of repeating the memory's keys and values per beam.
@@ -192,10 +192,10 @@ impl DecoderLayer {
             .contiguous()?;
         let (ck, cv) = &state.cross_kv;
         let y = attention(&q, ck, cv)?.transpose(1, 2)?.reshape((rows, 1, d))?;
-        let x = self.encoder_attn_layer_norm.forward(&(x + ca.out_proj.forward_decode(&y)?)?)?;
+        let x = self.encoder_attn_layer_norm.forward(&ca.out_proj.forward_decode(&y, Epilogue::Residual(&x))?)?;
 
-        let y = self.fc2.forward_decode(&gelu(&self.fc1.forward_decode(&x)?)?)?;
-        self.final_layer_norm.forward(&(x + y)?)
+        let y = self.fc2.forward_decode(&self.fc1.forward_decode(&x, Epilogue::Gelu)?, Epilogue::Residual(&x))?;
+        self.final_layer_norm.forward(&y)
     }
 }
 
@@ -293,7 +293,7 @@ impl BartDecoder {
             x = layer.step(&x, ls, state.rows_per_image)?;
         }
         state.position += 1;
-        Ok(self.lm_head.forward_decode(&x.squeeze(1)?)?.to_dtype(DType::F32)?)
+        self.lm_head.forward_decode(&x.squeeze(1)?, Epilogue::None)
     }
 }
 

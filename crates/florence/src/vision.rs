@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{gelu, softmax, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
+use crate::nn::{softmax, with_f32, DepthwiseConv3x3Residual, Epilogue, LayerNorm, Linear, WeightFormat};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -65,8 +65,9 @@ impl Mlp {
             fc2: Linear::new(hidden, dim, vb.pp("fc2"), format)?,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+    /// `residual + fc2(gelu(fc1(x)))`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2.forward_then(&self.fc1.forward_then(x, Epilogue::Gelu)?, Epilogue::Residual(residual))
     }
 }
 
@@ -83,16 +84,15 @@ impl WindowAttention {
     /// Equals the reference's pad / partition / attend / merge / crop, without materializing
     /// windows: the projections run on the real tokens only, and each window's scores live in a
     /// small per-task buffer instead of one `[windows, heads, N, N]` tensor (85 MB at stage 0).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + attention(x)`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let qkv = self.qkv.forward(x)?;
         // The reference pads the input with zeros before `qkv`, so padded tokens carry its bias.
-        let pad_token = match self.qkv.bias() {
-            Some(bias) => bias.to_vec1::<f32>()?,
-            None => vec![0f32; 3 * c],
-        };
-        let y = window_attention(&qkv, &pad_token, (b, h, w, c), self.heads, self.window)?;
-        self.proj.forward(&y)
+        let zeros = vec![0f32; 3 * c];
+        let pad_token = self.qkv.bias().unwrap_or(&zeros);
+        let y = window_attention(&qkv, pad_token, (b, h, w, c), self.heads, self.window)?;
+        self.proj.forward_then(&y, Epilogue::Residual(residual))
     }
 }
 
@@ -106,13 +106,18 @@ fn window_attention(
     heads: usize,
     ws: usize,
 ) -> Result<Tensor> {
+    let out = with_f32(qkv, |src| window_attention_slices(src, pad_token, (b, h, w, c), heads, ws))?;
+    Ok(Tensor::from_vec(out, (b, h, w, c), qkv.device())?)
+}
+
+fn window_attention_slices(
+    src: &[f32],
+    pad_token: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    heads: usize,
+    ws: usize,
+) -> Vec<f32> {
     use rayon::prelude::*;
-    let qkv = qkv.contiguous()?;
-    let (storage, layout) = qkv.storage_and_layout();
-    let src: &[f32] = match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) => &v[s..e],
-        _ => return Err(crate::Error::usage("window attention runs on f32 CPU tensors")),
-    };
     let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
     let (n, hd) = (ws * ws, c / heads);
     let scale = (hd as f64).powf(-0.5) as f32;
@@ -144,11 +149,11 @@ fn window_attention(
         let mut o = vec![0f32; n * hd];
         // SAFETY: every slice spans its buffer with the given strides (row-major, K read as Kᵀ).
         unsafe {
-            crate::nn::gemm_f32(n, n, hd, &mut scores, (n, 1), &q, (hd, 1), &k, (1, hd));
+            crate::nn::gemm_f32(n, n, hd, &mut scores, (n, 1), &q, (hd, 1), &k, (1, hd), 1);
         }
         crate::nn::softmax_rows(&mut scores, n);
         unsafe {
-            crate::nn::gemm_f32(n, hd, n, &mut o, (hd, 1), &scores, (n, 1), &v, (hd, 1));
+            crate::nn::gemm_f32(n, hd, n, &mut o, (hd, 1), &scores, (n, 1), &v, (hd, 1), 1);
         }
         for t in 0..n {
             if let Some(p) = pixel(t) {
@@ -160,8 +165,7 @@ fn window_attention(
             }
         }
     });
-    drop(storage);
-    Ok(Tensor::from_vec(out, (b, h, w, c), qkv.device())?)
+    out
 }
 
 /// A pointer that tasks writing disjoint parts of one buffer may share.
@@ -187,7 +191,8 @@ struct ChannelAttention {
 }
 
 impl ChannelAttention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + attention(x)`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let n = h * w;
         let cg = c / self.groups;
@@ -202,8 +207,8 @@ impl ChannelAttention {
         let v = qkv.get(2)?.contiguous()?;
         let attn = softmax(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?; // [B, G, Cg, Cg]
         let y = attn.matmul(&v.transpose(2, 3)?.contiguous()?)?; // [B, G, Cg, N]
-        let y = y.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, n, c))?;
-        self.proj.forward(&y)?.reshape((b, h, w, c)).map_err(Into::into)
+        let y = y.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, h, w, c))?;
+        self.proj.forward_then(&y, Epilogue::Residual(residual))
     }
 }
 
@@ -249,13 +254,12 @@ impl DualBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.conv1.forward(x)?;
         let normed = self.norm1.forward(&x)?;
-        let mixed = match &self.mixer {
-            Mixer::Window(a) => a.forward(&normed)?,
-            Mixer::Channel(a) => a.forward(&normed)?,
+        let x = match &self.mixer {
+            Mixer::Window(a) => a.forward_residual(&normed, &x)?,
+            Mixer::Channel(a) => a.forward_residual(&normed, &x)?,
         };
-        let x = self.conv2.forward(&(x + mixed)?)?;
-        let y = self.ffn.forward(&self.norm2.forward(&x)?)?;
-        Ok((x + y)?)
+        let x = self.conv2.forward(&x)?;
+        self.ffn.forward_residual(&self.norm2.forward(&x)?, &x)
     }
 }
 
