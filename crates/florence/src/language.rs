@@ -7,7 +7,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::nn::{attention, Epilogue, LayerNorm, Linear, Matrix, WeightFormat};
+use crate::nn::{attend_rows, attention, Epilogue, Keys, LayerNorm, Linear, Matrix, WeightFormat};
 
 /// BART's learned positions are offset by two rows (a fairseq legacy).
 const POSITION_OFFSET: usize = 2;
@@ -37,7 +37,9 @@ impl BartAttention {
     /// `[B, L, d]` to `[B, heads, L, head_dim]`.
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        Ok(x.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, l, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
@@ -45,26 +47,25 @@ impl BartAttention {
         Ok(x.transpose(1, 2)?.reshape((b, l, self.heads * self.head_dim))?)
     }
 
-    fn scaled_query(&self, x: &Tensor, decode: bool) -> Result<Tensor> {
-        let q = if decode { self.q_proj.forward_decode(x, Epilogue::None)? } else { self.q_proj.forward(x)? };
-        Ok((q * (self.head_dim as f64).powf(-0.5))?)
-    }
-
-    /// Keys and values of `x`, split into heads.
-    fn key_values(&self, x: &Tensor, decode: bool) -> Result<(Tensor, Tensor)> {
-        let (k, v) = if decode {
-            (self.k_proj.forward_decode(x, Epilogue::None)?, self.v_proj.forward_decode(x, Epilogue::None)?)
-        } else {
-            (self.k_proj.forward(x)?, self.v_proj.forward(x)?)
-        };
-        Ok((self.split_heads(&k)?, self.split_heads(&v)?))
-    }
-
     /// `x` plus its unmasked self-attention over the whole sequence (the encoder).
     fn forward_full_residual(&self, x: &Tensor) -> Result<Tensor> {
-        let q = self.split_heads(&self.scaled_query(x, false)?)?;
-        let (k, v) = self.key_values(x, false)?;
-        self.out_proj.forward_then(&self.merge_heads(&attention(&q, &k, &v)?)?, Epilogue::Residual(x))
+        let q = self.split_heads(&(self.q_proj.forward(x)? * self.scaling())?)?;
+        let k = self.split_heads(&self.k_proj.forward(x)?)?;
+        let v = self.split_heads(&self.v_proj.forward(x)?)?;
+        self.out_proj
+            .forward_residual(&self.merge_heads(&attention(&q, &k, &v)?)?, x)
+    }
+
+    fn scaling(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
+    }
+
+    /// The scaled queries `[rows, d]` of a decoding step's rows `x`.
+    fn step_queries(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut q = self.q_proj.forward_decode(x, rows, Epilogue::None)?;
+        let scaling = self.scaling() as f32;
+        q.iter_mut().for_each(|q| *q *= scaling);
+        Ok(q)
     }
 }
 
@@ -90,8 +91,10 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.self_attn_layer_norm.forward(&self.self_attn.forward_full_residual(x)?)?;
-        let y = self.fc2.forward_then(&self.fc1.forward_then(&x, Epilogue::Gelu)?, Epilogue::Residual(&x))?;
+        let x = self
+            .self_attn_layer_norm
+            .forward(&self.self_attn.forward_full_residual(x)?)?;
+        let y = self.fc2.forward_residual(&self.fc1.forward_gelu(&x)?, &x)?;
         self.final_layer_norm.forward(&y)
     }
 }
@@ -142,14 +145,17 @@ struct DecoderLayer {
     final_layer_norm: LayerNorm,
 }
 
-/// Per-layer decoder state of a generation: the growing self-attention cache and the fixed
-/// cross-attention keys/values.
+/// Per-layer decoder state of a generation.
 #[derive(Debug, Clone)]
 struct LayerState {
-    /// `[rows, heads, t, head_dim]` keys and values of the tokens decoded so far.
-    self_kv: Option<(Tensor, Tensor)>,
-    /// `[images, heads, L, head_dim]` keys and values of the encoder memory.
-    cross_kv: (Tensor, Tensor),
+    /// Self-attention keys and values of every token fed so far, `[steps, rows, d]`: what row
+    /// `r` held at step `s`, whichever beam that was then ([`DecoderState::lineage`] says which).
+    self_k: Vec<f32>,
+    self_v: Vec<f32>,
+    /// Cross-attention keys of the encoder memory, transposed per head: `[images, heads, hd, L]`.
+    cross_k_t: Vec<f32>,
+    /// Cross-attention values of the encoder memory, `[images, L, d]`.
+    cross_v: Vec<f32>,
 }
 
 impl DecoderLayer {
@@ -167,35 +173,38 @@ impl DecoderLayer {
         })
     }
 
-    /// One new token per row: `x` `[rows, 1, d]`, rows grouped by image (`rows_per_image` each).
-    fn step(&self, x: &Tensor, state: &mut LayerState, rows_per_image: usize) -> Result<Tensor> {
+    /// One new token per row: `x` `[rows, d]` to `[rows, d]`. `self_starts(r)` are the offsets
+    /// of the cached rows that row `r` attends to, `cross_starts(i)` those of image `i`'s memory
+    /// (rows come `rows_per_image` per image).
+    fn step<'a>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        state: &mut LayerState,
+        self_starts: impl Fn(usize) -> &'a [usize] + Sync,
+        (rows_per_image, cross_starts): (usize, impl Fn(usize) -> &'a [usize] + Sync),
+    ) -> Result<Vec<f32>> {
         let sa = &self.self_attn;
-        let q = sa.split_heads(&sa.scaled_query(x, true)?)?;
-        let (k, v) = sa.key_values(x, true)?;
-        let (k, v) = match state.self_kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k, v),
-        };
-        let y = sa.out_proj.forward_decode(&sa.merge_heads(&attention(&q, &k, &v)?)?, Epilogue::Residual(x))?;
-        state.self_kv = Some((k, v));
-        let x = self.self_attn_layer_norm.forward(&y)?;
+        let q = sa.step_queries(x, rows)?;
+        state.self_k.extend(sa.k_proj.forward_decode(x, rows, Epilogue::None)?);
+        state.self_v.extend(sa.v_proj.forward_decode(x, rows, Epilogue::None)?);
+        let y = attend_rows(&q, sa.heads, sa.head_dim, 1, Keys::Rows(&state.self_k), &state.self_v, self_starts);
+        let x = self
+            .self_attn_layer_norm
+            .forward_rows(&sa.out_proj.forward_decode(&y, rows, Epilogue::Residual(x))?);
 
-        // All beams of an image attend to the same memory: fold them into the query length
-        // instead of repeating the memory's keys and values per beam.
+        // All beams of an image attend to the same memory keys and values.
         let ca = &self.encoder_attn;
-        let (rows, _, d) = x.dims3()?;
-        let images = rows / rows_per_image;
-        let q = ca
-            .scaled_query(&x, true)?
-            .reshape((images, rows_per_image, ca.heads, ca.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (ck, cv) = &state.cross_kv;
-        let y = attention(&q, ck, cv)?.transpose(1, 2)?.reshape((rows, 1, d))?;
-        let x = self.encoder_attn_layer_norm.forward(&ca.out_proj.forward_decode(&y, Epilogue::Residual(&x))?)?;
+        let q = ca.step_queries(&x, rows)?;
+        let y = attend_rows(&q, ca.heads, ca.head_dim, rows_per_image, Keys::Transposed(&state.cross_k_t), &state.cross_v, cross_starts);
+        let x =
+            self.encoder_attn_layer_norm
+                .forward_rows(&ca.out_proj.forward_decode(&y, rows, Epilogue::Residual(&x))?);
 
-        let y = self.fc2.forward_decode(&self.fc1.forward_decode(&x, Epilogue::Gelu)?, Epilogue::Residual(&x))?;
-        self.final_layer_norm.forward(&y)
+        let h = self.fc1.forward_decode(&x, rows, Epilogue::Gelu)?;
+        Ok(self
+            .final_layer_norm
+            .forward_rows(&self.fc2.forward_decode(&h, rows, Epilogue::Residual(&x))?))
     }
 }
 
@@ -217,19 +226,27 @@ pub struct BartDecoder {
 #[derive(Debug, Clone)]
 pub struct DecoderState {
     layers: Vec<LayerState>,
+    rows: usize,
     rows_per_image: usize,
+    /// Per image, the offsets of its memory rows in the cross-attention caches.
+    cross_starts: Vec<Vec<usize>>,
+    /// Per row, the cache row its sequence occupied at each step. Reordering beams rewrites
+    /// these short lists instead of copying every layer's cache, as transformers does.
+    lineage: Vec<Vec<u32>>,
     /// Tokens fed so far (the next token's position).
     pub position: usize,
 }
 
 impl DecoderState {
-    /// Reorders the self-attention caches so that row `i` continues from old row `order[i]`.
-    pub fn reorder(&mut self, order: &Tensor) -> Result<()> {
-        for layer in &mut self.layers {
-            if let Some((k, v)) = layer.self_kv.take() {
-                layer.self_kv = Some((k.index_select(order, 0)?, v.index_select(order, 0)?));
-            }
+    /// Makes row `i` continue from the sequence of old row `order[i]`.
+    pub fn reorder(&mut self, order: &[u32]) -> Result<()> {
+        if order.len() != self.rows || order.iter().any(|&o| o as usize >= self.rows) {
+            return Err(crate::Error::usage(format!(
+                "a beam order for {} rows: {order:?}",
+                self.rows
+            )));
         }
+        self.lineage = order.iter().map(|&o| self.lineage[o as usize].clone()).collect();
         Ok(())
     }
 }
@@ -271,29 +288,78 @@ impl BartDecoder {
 
     /// Prepares a generation: the cross-attention keys/values of `memory` `[images, L, d]`.
     pub fn start(&self, memory: &Tensor, rows_per_image: usize) -> Result<DecoderState> {
+        let (images, len, d) = memory.dims3()?;
         let layers = self
             .layers
             .iter()
-            .map(|l| Ok(LayerState { self_kv: None, cross_kv: l.encoder_attn.key_values(memory, false)? }))
+            .map(|l| {
+                let ca = &l.encoder_attn;
+                let k = ca.k_proj.forward(memory)?.reshape((images, len, ca.heads, ca.head_dim))?;
+                Ok(LayerState {
+                    self_k: Vec::new(),
+                    self_v: Vec::new(),
+                    cross_k_t: k.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?,
+                    cross_v: ca.v_proj.forward(memory)?.flatten_all()?.to_vec1()?,
+                })
+            })
             .collect::<Result<_>>()?;
-        Ok(DecoderState { layers, rows_per_image, position: 0 })
+        let rows = images * rows_per_image;
+        Ok(DecoderState {
+            layers,
+            rows,
+            rows_per_image,
+            cross_starts: (0..images)
+                .map(|i| (0..len).map(|s| (i * len + s) * d).collect())
+                .collect(),
+            lineage: vec![Vec::new(); rows],
+            position: 0,
+        })
     }
 
-    /// Feeds one token per row and returns the next-token logits `[rows, vocab]` (f32).
-    pub fn step(&self, tokens: &[u32], state: &mut DecoderState) -> Result<Tensor> {
-        let dev = self.embed_positions.embeddings().device();
-        let mut x = self.embed_tokens.rows_f32(tokens, dev)?;
-        if self.embed_scale != 1.0 {
-            x = (x * self.embed_scale)?;
+    /// Feeds one token per row and returns the next-token logits, `[rows, vocab]` row-major.
+    pub fn step(&self, tokens: &[u32], state: &mut DecoderState) -> Result<Vec<f32>> {
+        let rows = state.rows;
+        if tokens.len() != rows {
+            return Err(crate::Error::usage(format!(
+                "{} tokens fed to a decoder of {rows} rows",
+                tokens.len()
+            )));
         }
-        let pos = self.embed_positions.embeddings().i(state.position + POSITION_OFFSET)?;
-        let x = x.broadcast_add(&pos)?.unsqueeze(1)?;
-        let mut x = self.layernorm_embedding.forward(&x)?;
+        let dev = self.embed_positions.embeddings().device();
+        let pos: Vec<f32> = self
+            .embed_positions
+            .embeddings()
+            .i(state.position + POSITION_OFFSET)?
+            .to_vec1()?;
+        let mut x: Vec<f32> = self.embed_tokens.rows_f32(tokens, dev)?.flatten_all()?.to_vec1()?;
+        let scale = self.embed_scale as f32;
+        for row in x.chunks_exact_mut(pos.len()) {
+            row.iter_mut().zip(&pos).for_each(|(x, p)| *x = *x * scale + p);
+        }
+        let mut x = self.layernorm_embedding.forward_rows(&x);
+
+        let d = pos.len();
+        let step = state.position;
+        for (r, lineage) in state.lineage.iter_mut().enumerate() {
+            lineage.push(r as u32);
+        }
+        let self_starts: Vec<Vec<usize>> = state
+            .lineage
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .enumerate()
+                    .map(|(s, &row)| (s * rows + row as usize) * d)
+                    .collect()
+            })
+            .collect();
+        debug_assert!(self_starts.iter().all(|s| s.len() == step + 1));
+        let cross = &state.cross_starts;
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            x = layer.step(&x, ls, state.rows_per_image)?;
+            x = layer.step(&x, rows, ls, |r| &self_starts[r], (state.rows_per_image, |i| &cross[i]))?;
         }
         state.position += 1;
-        self.lm_head.forward_decode(&x.squeeze(1)?, Epilogue::None)
+        self.lm_head.forward_decode(&x, rows, Epilogue::None)
     }
 }
 
@@ -332,6 +398,10 @@ impl BartLanguageModel {
     /// `scale_embedding` is set, as transformers' `BartScaledWordEmbedding` does: `[ids.len(), d]`.
     pub fn embed_prompt(&self, ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
         let x = self.shared.rows_f32(ids, device)?;
-        Ok(if self.decoder.embed_scale != 1.0 { (x * self.decoder.embed_scale)? } else { x })
+        Ok(if self.decoder.embed_scale != 1.0 {
+            (x * self.decoder.embed_scale)?
+        } else {
+            x
+        })
     }
 }

@@ -42,14 +42,23 @@ impl Florence2 {
         let wrap = |e: Error| match e {
             Error::Tensor(t) => Error::checkpoint(
                 &path,
-                format!("does not match config.json: {t}; check that the weights and config.json are from the same model"),
+                format!(
+                    "does not match config.json: {t}; check that the weights and config.json are from the same model"
+                ),
             ),
             other => other,
         };
         let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), vision_weights).map_err(wrap)?;
         let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
         let language_model = BartLanguageModel::new(&config.text, vb, language_weights).map_err(wrap)?;
-        Ok(Self { config, layout, vision_tower, projector, language_model, device: device.clone() })
+        Ok(Self {
+            config,
+            layout,
+            vision_tower,
+            projector,
+            language_model,
+            device: device.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -84,7 +93,11 @@ impl Florence2 {
                 prompt_ids.len()
             )));
         }
-        let text = self.language_model.embed_prompt(prompt_ids, &self.device)?.unsqueeze(0)?.repeat((b, 1, 1))?;
+        let text = self
+            .language_model
+            .embed_prompt(prompt_ids, &self.device)?
+            .unsqueeze(0)?
+            .repeat((b, 1, 1))?;
         let inputs = Tensor::cat(&[image_features, &text], 1)?;
         self.language_model.encoder.forward(&inputs)
     }
@@ -110,17 +123,26 @@ pub struct IncrementalDecoder<'a> {
 impl IncrementalDecoder<'_> {
     /// Next-token logits `[rows, vocab]` after feeding one token per row.
     pub fn step_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        self.model.language_model.decoder.step(tokens, &mut self.state)
+        let logits = self.model.language_model.decoder.step(tokens, &mut self.state)?;
+        let rows = tokens.len();
+        Ok(Tensor::from_vec(
+            logits,
+            (rows, self.model.language_model.decoder.vocab_size()),
+            &self.model.device,
+        )?)
     }
 }
 
 impl StepDecoder for IncrementalDecoder<'_> {
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.step_logits(tokens)?.to_vec2::<f32>()?)
+        let logits = self.model.language_model.decoder.step(tokens, &mut self.state)?;
+        Ok(logits
+            .chunks_exact(self.model.language_model.decoder.vocab_size())
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     fn reorder(&mut self, order: &[u32]) -> Result<()> {
-        let idx = Tensor::new(order, &self.model.device)?;
-        self.state.reorder(&idx)
+        self.state.reorder(order)
     }
 }

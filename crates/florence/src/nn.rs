@@ -72,7 +72,11 @@ impl Matrix {
     /// [`Q8_BLOCK`]; other widths keep bf16.
     pub fn new(w: Tensor, format: WeightFormat) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
-        let format = if format == WeightFormat::Q8 && cols % Q8_BLOCK != 0 { WeightFormat::Bf16 } else { format };
+        let format = if format == WeightFormat::Q8 && cols % Q8_BLOCK != 0 {
+            WeightFormat::Bf16
+        } else {
+            format
+        };
         let data = match format {
             WeightFormat::F32 => MatrixData::F32(w.to_dtype(DType::F32)?),
             WeightFormat::Bf16 => {
@@ -83,17 +87,22 @@ impl Matrix {
                 let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let mut values = vec![0i8; v.len()];
                 let mut scales = vec![0f32; v.len() / Q8_BLOCK];
-                values.par_chunks_mut(Q8_BLOCK).zip(scales.par_iter_mut()).zip(v.par_chunks(Q8_BLOCK)).for_each(
-                    |((q, s), w)| {
+                values
+                    .par_chunks_mut(Q8_BLOCK)
+                    .zip(scales.par_iter_mut())
+                    .zip(v.par_chunks(Q8_BLOCK))
+                    .for_each(|((q, s), w)| {
                         let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                         *s = max / 127.0;
                         let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
                         for (q, x) in q.iter_mut().zip(w) {
                             *q = (x * inv).round() as i8;
                         }
-                    },
-                );
-                MatrixData::Q8 { values: values.into(), scales: scales.into() }
+                    });
+                MatrixData::Q8 {
+                    values: values.into(),
+                    scales: scales.into(),
+                }
             }
         };
         Ok(Self { rows, cols, data })
@@ -186,7 +195,20 @@ impl Matrix {
         };
         with_f32(&w, |w| {
             // SAFETY: x is [m, k], y is [m, n], and w is [n, k] read transposed or [k, n].
-            unsafe { gemm_f32(m, n, k, &mut y, (n, 1), x, (k, 1), w, strides, rayon::current_num_threads()) }
+            unsafe {
+                gemm_f32(
+                    m,
+                    n,
+                    k,
+                    &mut y,
+                    (n, 1),
+                    x,
+                    (k, 1),
+                    w,
+                    strides,
+                    rayon::current_num_threads(),
+                )
+            }
         })?;
         Ok(y)
     }
@@ -201,7 +223,7 @@ pub enum Epilogue<'a> {
     /// `gelu(x·Wᵀ + b)`: the first layer of an MLP.
     Gelu,
     /// `r + x·Wᵀ + b`: the last layer of a residual branch (`r` has the output's shape).
-    Residual(&'a Tensor),
+    Residual(&'a [f32]),
 }
 
 /// `nn.Linear`, applied to the last dimension of any-rank input. The bias is used when the
@@ -218,7 +240,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if vb.contains_tensor("bias") { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if vb.contains_tensor("bias") {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Self::from_weights(Matrix::new(weight, format)?, bias)
     }
 
@@ -244,44 +270,69 @@ impl Linear {
 
     /// `x · Wᵀ + b` with a GEMM, for many rows (images, prompts).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false, Epilogue::None)
+        self.apply_tensor(x, |xs, rows| self.apply(xs, rows, false, Epilogue::None))
     }
 
-    /// [`forward`](Self::forward) followed by `then`.
-    pub fn forward_then(&self, x: &Tensor, then: Epilogue) -> Result<Tensor> {
-        self.apply(x, false, then)
+    /// `gelu(x · Wᵀ + b)`: the first layer of an MLP.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_tensor(x, |xs, rows| self.apply(xs, rows, false, Epilogue::Gelu))
     }
 
-    /// `x · Wᵀ + b`, then `then`, for the few rows of a decoding step (one per beam), streaming
-    /// the weight once.
+    /// `residual + x · Wᵀ + b`: the last layer of a residual branch.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        with_f32(residual, |r| {
+            self.apply_tensor(x, |xs, rows| self.apply(xs, rows, false, Epilogue::Residual(r)))
+        })?
+    }
+
+    /// `x · Wᵀ + b`, then `then`, for the few rows of a decoding step (`x` is `[rows, in]`, one
+    /// row per beam), streaming the weight once. Returns `[rows, out]`.
     ///
     /// Each output element is computed the same way whatever the number of rows, and so is the
     /// GEMM's: choosing the kernel by call site rather than by row count is what keeps an image's
     /// caption independent of the batch it is in.
-    pub fn forward_decode(&self, x: &Tensor, then: Epilogue) -> Result<Tensor> {
-        self.apply(x, true, then)
+    pub fn forward_decode(&self, x: &[f32], rows: usize, then: Epilogue) -> Result<Vec<f32>> {
+        self.apply(x, rows, true, then)
     }
 
-    fn apply(&self, x: &Tensor, decode: bool, then: Epilogue) -> Result<Tensor> {
+    /// Runs `f` on the rows of `x` (any rank, features last) and shapes its output like `x`
+    /// with `out_dim` features.
+    fn apply_tensor(&self, x: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
-        let in_dim = dims.pop().unwrap_or(1);
-        let rows: usize = dims.iter().product();
-        let n = self.out_dim();
-        let mut y = with_f32(x, |xs| {
-            if decode {
-                self.weight.mul_few_rows(xs, rows)
-            } else {
-                self.weight.mul_many_rows(xs, rows, in_dim, self.weight_t.as_ref())
-            }
-        })??;
+        dims.pop();
+        let rows = dims.iter().product();
+        let y = with_f32(x, |xs| f(xs, rows))??;
+        dims.push(self.out_dim());
+        Ok(Tensor::from_vec(y, dims, x.device())?)
+    }
+
+    fn apply(&self, x: &[f32], rows: usize, decode: bool, then: Epilogue) -> Result<Vec<f32>> {
+        let (n, k) = (self.weight.rows, self.weight.cols);
+        if x.len() != rows * k {
+            return Err(crate::Error::usage(format!(
+                "a linear layer of {k} inputs got {} values for {rows} rows",
+                x.len()
+            )));
+        }
+        let mut y = if decode {
+            self.weight.mul_few_rows(x, rows)?
+        } else {
+            self.weight.mul_many_rows(x, rows, k, self.weight_t.as_ref())?
+        };
         let bias = self.bias.as_deref().unwrap_or(&[]);
         match then {
-            Epilogue::Residual(r) => with_f32(r, |r| finish(&mut y, n, bias, false, r))?,
-            Epilogue::Gelu => finish(&mut y, n, bias, true, &[]),
             Epilogue::None => finish(&mut y, n, bias, false, &[]),
+            Epilogue::Gelu => finish(&mut y, n, bias, true, &[]),
+            Epilogue::Residual(r) if r.len() == y.len() => finish(&mut y, n, bias, false, r),
+            Epilogue::Residual(r) => {
+                return Err(crate::Error::usage(format!(
+                    "residual of {} values for an output of {}",
+                    r.len(),
+                    y.len()
+                )))
+            }
         }
-        dims.push(n);
-        Ok(Tensor::from_vec(y, dims, x.device())?)
+        Ok(y)
     }
 }
 
@@ -303,7 +354,11 @@ fn finish(y: &mut [f32], n: usize, bias: &[f32], gelu: bool, residual: &[f32]) {
     }
     let rows_per_task = (1 << 14) / n + 1;
     y.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, rows)| {
-        let r = if residual.is_empty() { &[][..] } else { &residual[t * rows_per_task * n..][..rows.len()] };
+        let r = if residual.is_empty() {
+            &[][..]
+        } else {
+            &residual[t * rows_per_task * n..][..rows.len()]
+        };
         finish_rows(rows, n, bias, gelu, r)
     });
 }
@@ -323,11 +378,12 @@ fn finish_rows_portable(y: &mut [f32], n: usize, bias: &[f32], gelu: bool, resid
             row.iter_mut().for_each(|v| *v = gelu_f32(*v));
         }
         if !residual.is_empty() {
-            row.iter_mut().zip(&residual[i * n..(i + 1) * n]).for_each(|(v, r)| *v += r);
+            row.iter_mut()
+                .zip(&residual[i * n..(i + 1) * n])
+                .for_each(|(v, r)| *v += r);
         }
     }
 }
-
 
 /// The weight rows of a [`Matrix`], borrowed for a decoding-step product.
 #[derive(Clone, Copy)]
@@ -458,17 +514,24 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = self.weight.len();
         if x.dims().last() != Some(&n) {
-            return Err(crate::Error::usage(format!("layer norm over {n} features got shape {:?}", x.dims())));
+            return Err(crate::Error::usage(format!(
+                "layer norm over {n} features got shape {:?}",
+                x.dims()
+            )));
         }
-        let y = with_f32(x, |src| {
-            let mut y = vec![0f32; src.len()];
-            let rows_per_task = (1 << 14) / n + 1;
-            y.par_chunks_mut(rows_per_task * n)
-                .zip(src.par_chunks(rows_per_task * n))
-                .for_each(|(y, x)| layer_norm_rows(x, y, &self.weight, &self.bias));
-            y
-        })?;
+        let y = with_f32(x, |x| self.forward_rows(x))?;
         Ok(Tensor::from_vec(y, x.shape(), x.device())?)
+    }
+
+    /// The normalized rows of `x` (row-major, `weight.len()` wide).
+    pub fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
+        let n = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        let rows_per_task = (1 << 14) / n + 1;
+        y.par_chunks_mut(rows_per_task * n)
+            .zip(x.par_chunks(rows_per_task * n))
+            .for_each(|(y, x)| layer_norm_rows(x, y, &self.weight, &self.bias));
+        y
     }
 }
 
@@ -543,7 +606,8 @@ impl CustomOp1 for SoftmaxLastDim {
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let mut out = src.to_vec();
         let rows_per_task = (1 << 14) / n + 1;
-        out.par_chunks_mut(rows_per_task * n).for_each(|rows| softmax_rows(rows, n));
+        out.par_chunks_mut(rows_per_task * n)
+            .for_each(|rows| softmax_rows(rows, n));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -586,11 +650,16 @@ fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(-87.33, 88.0);
     let k = (xc * std::f32::consts::LOG2_E + 0.5).floor();
     let r = xc - k * 0.693_359_4 + k * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
         + 0.5;
     let y = p * r * r + r + 1.0;
     let scaled = y * f32::from_bits(((k as i32 + 127) as u32) << 23);
-    if x < -87.33 { 0.0 } else { scaled }
+    if x < -87.33 {
+        0.0
+    } else {
+        scaled
+    }
 }
 
 /// A 3x3 depthwise convolution with padding 1 and a bias, fused with its residual:
@@ -706,8 +775,134 @@ pub(crate) unsafe fn gemm_f32(
         false,
         false,
         false,
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+        if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        },
     )
+}
+
+/// Where a decoding step's attention finds its keys.
+#[derive(Clone, Copy)]
+pub(crate) enum Keys<'a> {
+    /// As rows like the values: key `s` of head `h` at `k[starts[s] + h * hd..][..hd]` (the
+    /// self-attention cache, whose rows follow each beam's lineage).
+    Rows(&'a [f32]),
+    /// Transposed per group and head, `[groups, heads, hd, n]` (the encoder memory's keys, fixed
+    /// for a generation): the scores are then sums of contiguous rows, with no per-key reduction.
+    Transposed(&'a [f32]),
+}
+
+/// Attention of single query rows, for decoding steps. `q` is `[rows, heads * hd]` (already
+/// scaled); rows come in groups of `group` that attend to the same keys (the beams of one
+/// image), and the values of group `g` are `v[starts(g)[s] + h * hd..][..hd]` for head `h`.
+/// Returns `[rows, heads * hd]`.
+pub(crate) fn attend_rows<'a>(
+    q: &[f32],
+    heads: usize,
+    hd: usize,
+    group: usize,
+    keys: Keys,
+    v: &[f32],
+    starts: impl Fn(usize) -> &'a [usize] + Sync,
+) -> Vec<f32> {
+    let d = heads * hd;
+    let groups = q.len() / (d * group);
+    // Each (group, head) task reads its keys and values once for all the group's rows.
+    let parts: Vec<Vec<f32>> = (0..groups * heads)
+        .into_par_iter()
+        .map(|task| {
+            let (g, h) = (task / heads, task % heads);
+            let starts = starts(g);
+            let qs: Vec<f32> = (0..group).flat_map(|j| &q[(g * group + j) * d + h * hd..][..hd]).copied().collect();
+            let mut scores = vec![0f32; group * starts.len()];
+            match keys {
+                Keys::Rows(k) => scores_from_rows(&qs, hd, k, starts, h * hd, &mut scores),
+                Keys::Transposed(kt) => scores_from_transposed(&qs, hd, &kt[task * hd * starts.len()..][..hd * starts.len()], &mut scores),
+            }
+            let mut o = vec![0f32; group * hd];
+            softmax_times_values(&mut scores, v, starts, h * hd, &mut o);
+            o
+        })
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    for (task, o) in parts.iter().enumerate() {
+        let (g, h) = (task / heads, task % heads);
+        for (j, o) in o.chunks_exact(hd).enumerate() {
+            out[(g * group + j) * d + h * hd..][..hd].copy_from_slice(o);
+        }
+    }
+    out
+}
+
+with_avx2!(
+    /// `scores[j * n + s] = q_j · k[starts[s] + off..][..hd]` for the rows `q_j` of `qs`.
+    fn scores_from_rows(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], off: usize, scores: &mut [f32]) -> () = scores_from_rows_portable
+);
+
+#[inline(always)]
+fn scores_from_rows_portable(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], off: usize, scores: &mut [f32]) {
+    let n = starts.len();
+    for (s, &start) in starts.iter().enumerate() {
+        let key = &k[start + off..][..hd];
+        for (j, q) in qs.chunks_exact(hd).enumerate() {
+            scores[j * n + s] = dot(q, key);
+        }
+    }
+}
+
+with_avx2!(
+    /// `scores[j * n + s] = Σ_i q_j[i] · kt[i * n + s]`: the same scores from `[hd, n]` keys.
+    fn scores_from_transposed(qs: &[f32], hd: usize, kt: &[f32], scores: &mut [f32]) -> () = scores_from_transposed_portable
+);
+
+#[inline(always)]
+fn scores_from_transposed_portable(qs: &[f32], hd: usize, kt: &[f32], scores: &mut [f32]) {
+    let n = kt.len() / hd;
+    for (q, row) in qs.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+        for (i, &qi) in q.iter().enumerate() {
+            for (sc, &k) in row.iter_mut().zip(&kt[i * n..(i + 1) * n]) {
+                *sc = qi.mul_add(k, *sc);
+            }
+        }
+    }
+}
+
+with_avx2!(
+    /// Softmax of each row of `scores` (`[group, n]`), then `o_j = Σ_s p_js · v[starts[s] + off..][..hd]`.
+    fn softmax_times_values(scores: &mut [f32], v: &[f32], starts: &[usize], off: usize, o: &mut [f32]) -> () = softmax_times_values_portable
+);
+
+#[inline(always)]
+fn softmax_times_values_portable(scores: &mut [f32], v: &[f32], starts: &[usize], off: usize, o: &mut [f32]) {
+    let n = starts.len();
+    let hd = o.len() / (scores.len() / n);
+    softmax_rows_portable(scores, n);
+    for (s, &start) in starts.iter().enumerate() {
+        let value = &v[start + off..][..hd];
+        for (j, o) in o.chunks_exact_mut(hd).enumerate() {
+            let p = scores[j * n + s];
+            for (o, &v) in o.iter_mut().zip(value) {
+                *o = p.mul_add(v, *o);
+            }
+        }
+    }
+}
+
+/// `a · b` over 16 lanes, so that it vectorizes.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Scaled dot-product attention over `[.., Lq, D]` x `[.., Lk, D]`, with `q` already scaled.
@@ -737,20 +932,27 @@ mod tests {
                 // The matrix the reduced format stands for, widened independently of the kernels.
                 let stored = match (format, k % Q8_BLOCK) {
                     (WeightFormat::F32, _) => w.clone(),
-                    (WeightFormat::Bf16, _) | (WeightFormat::Q8, 1..) => w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                    (WeightFormat::Bf16, _) | (WeightFormat::Q8, 1..) => {
+                        w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+                    }
                     (WeightFormat::Q8, 0) => lin.weight.to_f32(&dev)?,
                 };
                 let r = Tensor::randn(0f32, 1.0, (rows, n), &dev)?;
+                let (xs, rs): (Vec<f32>, Vec<f32>) = (x.flatten_all()?.to_vec1()?, r.flatten_all()?.to_vec1()?);
+                let decode = |then| -> Result<Tensor> {
+                    Ok(Tensor::from_vec(lin.forward_decode(&xs, rows, then)?, (rows, n), &dev)?)
+                };
                 let product = x.matmul(&stored.t()?)?.broadcast_add(&b)?;
-                for (then, expected) in [
-                    (Epilogue::None, product.clone()),
-                    (Epilogue::Gelu, product.gelu_erf()?),
-                    (Epilogue::Residual(&r), (&r + &product)?),
+                for (name, y, expected) in [
+                    ("gemm", lin.forward(&x)?, product.clone()),
+                    ("gemm + gelu", lin.forward_gelu(&x)?, product.gelu_erf()?),
+                    ("gemm + residual", lin.forward_residual(&x, &r)?, (&r + &product)?),
+                    ("decode", decode(Epilogue::None)?, product.clone()),
+                    ("decode + gelu", decode(Epilogue::Gelu)?, product.gelu_erf()?),
+                    ("decode + residual", decode(Epilogue::Residual(&rs))?, (&r + &product)?),
                 ] {
-                    for y in [lin.forward_decode(&x, then)?, lin.forward_then(&x, then)?] {
-                        let diff = (y - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                        assert!(diff < 1e-4, "{format:?} {rows}x{k}x{n} {then:?}: {diff}");
-                    }
+                    let diff = (y - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-4, "{format:?} {rows}x{k}x{n} {name}: {diff}");
                 }
             }
         }
@@ -762,7 +964,8 @@ mod tests {
     #[test]
     fn q8_rounds_each_block_to_its_own_scale() -> Result<()> {
         let dev = Device::Cpu;
-        let w = (Tensor::randn(0f32, 1.0, (6, 96), &dev)? * Tensor::new(&[[1e-3f32], [1.0], [50.0], [0.0], [1.0], [1.0]], &dev)?.broadcast_as((6, 96))?)?;
+        let w = (Tensor::randn(0f32, 1.0, (6, 96), &dev)?
+            * Tensor::new(&[[1e-3f32], [1.0], [50.0], [0.0], [1.0], [1.0]], &dev)?.broadcast_as((6, 96))?)?;
         let m = Matrix::new(w.clone(), WeightFormat::Q8)?;
         let back: Vec<Vec<f32>> = m.to_f32(&dev)?.to_vec2()?;
         let orig: Vec<Vec<f32>> = w.to_vec2()?;
@@ -784,13 +987,19 @@ mod tests {
         for i in -40000..=0 {
             let x = i as f32 * 0.0025;
             let (ours, libm) = (exp_f32(x), x.exp());
-            assert!((ours - libm).abs() <= 2.0 * f32::EPSILON * libm + 2.0 * f32::MIN_POSITIVE, "exp({x}) = {ours}, libm gives {libm}");
+            assert!(
+                (ours - libm).abs() <= 2.0 * f32::EPSILON * libm + 2.0 * f32::MIN_POSITIVE,
+                "exp({x}) = {ours}, libm gives {libm}"
+            );
         }
         assert_eq!((exp_f32(-100.0), exp_f32(f32::NEG_INFINITY)), (0.0, 0.0));
         let dev = Device::Cpu;
         for shape in [(3, 7), (2, 577), (5, 16)] {
             let x = Tensor::randn(0f32, 4.0, shape, &dev)?;
-            let diff = (softmax(&x)? - candle_nn::ops::softmax_last_dim(&x)?)?.abs()?.flatten_all()?.max(0)?;
+            let diff = (softmax(&x)? - candle_nn::ops::softmax_last_dim(&x)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?;
             assert!(diff.to_scalar::<f32>()? < 1e-6, "{shape:?}");
         }
         Ok(())
@@ -798,12 +1007,18 @@ mod tests {
 
     #[test]
     fn gelu_matches_libm_erf() {
-        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.0025).chain([-30.0, -9.0, 9.0, 30.0]).collect();
+        let xs: Vec<f32> = (-4000..=4000)
+            .map(|i| i as f32 * 0.0025)
+            .chain([-30.0, -9.0, 9.0, 30.0])
+            .collect();
         let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
         let reference: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
         for (&x, b) in xs.iter().zip(&reference) {
             let a = gelu_f32(x);
-            assert!((a - b).abs() <= 3e-7 * (1.0 + x.abs()), "gelu({x}) = {a}, libm gives {b}");
+            assert!(
+                (a - b).abs() <= 3e-7 * (1.0 + x.abs()),
+                "gelu({x}) = {a}, libm gives {b}"
+            );
         }
     }
 
@@ -816,13 +1031,18 @@ mod tests {
         let weight = Tensor::randn(0f32, 1.0, (c, 1, 3, 3), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, c, &dev)?;
         let vb = VarBuilder::from_tensors(
-            HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())]),
+            HashMap::from([
+                ("weight".to_string(), weight.clone()),
+                ("bias".to_string(), bias.clone()),
+            ]),
             DType::F32,
             &dev,
         );
         let ours = DepthwiseConv3x3Residual::new(c, vb)?.forward(&x)?;
         let nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
-        let conv = nchw.conv2d(&weight, 1, 1, 1, c)?.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        let conv = nchw
+            .conv2d(&weight, 1, 1, 1, c)?
+            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
         let expected = (nchw + conv)?.permute((0, 2, 3, 1))?;
         let diff = (ours - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{softmax, with_f32, DepthwiseConv3x3Residual, Epilogue, LayerNorm, Linear, WeightFormat};
+use crate::nn::{softmax, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -37,7 +37,11 @@ impl ConvEmbed {
     /// NCHW (first stage) or `[B, H, W, C]` (later stages) in, `[B, H', W', C']` out.
     fn forward(&self, x: &Tensor, channel_last: bool) -> Result<Tensor> {
         let nchw = if channel_last {
-            let x = if self.pre_norm { self.norm.forward(x)? } else { x.clone() };
+            let x = if self.pre_norm {
+                self.norm.forward(x)?
+            } else {
+                x.clone()
+            };
             x.permute((0, 3, 1, 2))?.contiguous()?
         } else {
             x.clone()
@@ -67,7 +71,7 @@ impl Mlp {
     }
     /// `residual + fc2(gelu(fc1(x)))`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.fc2.forward_then(&self.fc1.forward_then(x, Epilogue::Gelu)?, Epilogue::Residual(residual))
+        self.fc2.forward_residual(&self.fc1.forward_gelu(x)?, residual)
     }
 }
 
@@ -92,7 +96,7 @@ impl WindowAttention {
         let zeros = vec![0f32; 3 * c];
         let pad_token = self.qkv.bias().unwrap_or(&zeros);
         let y = window_attention(&qkv, pad_token, (b, h, w, c), self.heads, self.window)?;
-        self.proj.forward_then(&y, Epilogue::Residual(residual))
+        self.proj.forward_residual(&y, residual)
     }
 }
 
@@ -106,7 +110,9 @@ fn window_attention(
     heads: usize,
     ws: usize,
 ) -> Result<Tensor> {
-    let out = with_f32(qkv, |src| window_attention_slices(src, pad_token, (b, h, w, c), heads, ws))?;
+    let out = with_f32(qkv, |src| {
+        window_attention_slices(src, pad_token, (b, h, w, c), heads, ws)
+    })?;
     Ok(Tensor::from_vec(out, (b, h, w, c), qkv.device())?)
 }
 
@@ -208,7 +214,7 @@ impl ChannelAttention {
         let attn = softmax(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?; // [B, G, Cg, Cg]
         let y = attn.matmul(&v.transpose(2, 3)?.contiguous()?)?; // [B, G, Cg, N]
         let y = y.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, h, w, c))?;
-        self.proj.forward_then(&y, Epilogue::Residual(residual))
+        self.proj.forward_residual(&y, residual)
     }
 }
 
@@ -289,7 +295,14 @@ impl DaViT {
                     dim,
                     mlp_hidden,
                     "window_attn",
-                    |qkv, proj| Mixer::Window(WindowAttention { qkv, proj, heads, window }),
+                    |qkv, proj| {
+                        Mixer::Window(WindowAttention {
+                            qkv,
+                            proj,
+                            heads,
+                            window,
+                        })
+                    },
                     vb.pp("spatial_block"),
                     format,
                 )?;
