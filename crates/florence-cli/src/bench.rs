@@ -99,7 +99,11 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         let encoder = t.elapsed();
         let t = Instant::now();
         let mut dec = model.model.decoder(&memory, gen.num_beams)?;
-        let mut timed = TimedDecoder { inner: &mut dec, steps: Vec::new(), reorders: Duration::ZERO };
+        let mut timed = TimedDecoder {
+            inner: &mut dec,
+            steps: Vec::new(),
+            reorders: Duration::ZERO,
+        };
         let seqs = generate(&gen, images.len(), &mut timed)?;
         let generation = t.elapsed();
         let steps: Duration = timed.steps.iter().sum();
@@ -108,9 +112,23 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         let total = t0.elapsed();
         assert!(seqs.iter().all(|s| s.len() == a.new_tokens + 1));
         if run == 0 {
-            println!("first run (cold)     {:9.1} ms  (vision {:.1} ms, decoder step {:.1} ms)", ms(total), ms(vision), per_step);
+            println!(
+                "first run (cold)     {:9.1} ms  (vision {:.1} ms, decoder step {:.1} ms)",
+                ms(total),
+                ms(vision),
+                per_step
+            );
         } else {
-            rows.push([ms(decode), ms(preprocess), ms(vision), ms(projector), ms(encoder), per_step, ms(search + timed.reorders), ms(total)]);
+            rows.push([
+                ms(decode),
+                ms(preprocess),
+                ms(vision),
+                ms(projector),
+                ms(encoder),
+                per_step,
+                ms(search + timed.reorders),
+                ms(total),
+            ]);
         }
     }
     let median = |i: usize| {
@@ -120,7 +138,16 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     };
     println!("weights              {}", a.precision.describe());
     println!("model load           {:9.1} ms", ms(load));
-    let names = ["image decode", "preprocess", "vision tower", "projector", "text encoder", "decoder step (mean)", "search + reorder", "end to end (no load)"];
+    let names = [
+        "image decode",
+        "preprocess",
+        "vision tower",
+        "projector",
+        "text encoder",
+        "decoder step (mean)",
+        "search + reorder",
+        "end to end (no load)",
+    ];
     for (i, n) in names.iter().enumerate() {
         println!("{n:<20} {:9.1} ms", median(i));
     }

@@ -99,7 +99,11 @@ pub struct CaptionArgs {
     precision: crate::precision::PrecisionArgs,
 
     /// Image files and folders (PNG, JPEG, WebP, GIF, BMP, TIFF, recognized by content).
-    #[arg(value_name = "IMAGE_OR_DIR", required_unless_present = "files_from", help_heading = "Input")]
+    #[arg(
+        value_name = "IMAGE_OR_DIR",
+        required_unless_present = "files_from",
+        help_heading = "Input"
+    )]
     inputs: Vec<PathBuf>,
     /// Descend into subfolders of the folders given.
     #[arg(short, long, help_heading = "Input")]
@@ -152,8 +156,14 @@ pub struct CaptionArgs {
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
-    let i: usize = i.trim().parse().map_err(|_| format!("shard index {i:?} is not a number"))?;
-    let n: usize = n.trim().parse().map_err(|_| format!("shard count {n:?} is not a number"))?;
+    let i: usize = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("shard index {i:?} is not a number"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("shard count {n:?} is not a number"))?;
     if n == 0 || i >= n {
         return Err(format!("shard {i}/{n}: the index must be below the count (0-based)"));
     }
@@ -235,13 +245,15 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
     if let Some(list) = &a.files_from {
         inputs.extend(dataset::read_list(list).map_err(|e| io_err(list, e))?);
     }
-    let dataset_mode = a.ext.is_some()
-        || a.output_dir.is_some()
-        || a.files_from.is_some()
-        || a.inputs.iter().any(|p| p.is_dir());
+    let dataset_mode =
+        a.ext.is_some() || a.output_dir.is_some() || a.files_from.is_some() || a.inputs.iter().any(|p| p.is_dir());
     let sidecar_ext = dataset_mode.then(|| {
         let e = a.ext.clone().unwrap_or_else(|| ".txt".into());
-        if e.starts_with('.') { e } else { format!(".{e}") }
+        if e.starts_with('.') {
+            e
+        } else {
+            format!(".{e}")
+        }
     });
     let format = match (dataset_mode, a.format) {
         (false, f) => Some(f.unwrap_or(Format::Text)),
@@ -249,14 +261,28 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         (true, f) => f,
     };
     let out: Box<dyn Write> = match &a.manifest {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| io_err(p, e))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| io_err(p, e))?,
+        )),
         None => Box::new(std::io::stdout()),
     };
     let errors = match &a.errors {
-        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| io_err(p, e))?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| io_err(p, e))?,
+        ),
         None => None,
     };
-    let mut sink = Sink { sidecar_ext, format, out, errors, csv_header_written: false };
+    let mut sink = Sink {
+        sidecar_ext,
+        format,
+        out,
+        errors,
+        csv_header_written: false,
+    };
     let mut tally = Tally::default();
     let policy = match a.existing {
         ExistingArg::Skip => Existing::Skip,
@@ -274,7 +300,10 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
     let mut claimed: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
     for img in images {
         let mine = a.shard.is_none_or(|(i, n)| dataset::in_shard(&img.path, i, n));
-        let sidecar = sink.sidecar_ext.as_ref().map(|ext| dataset::sidecar_path(&img, ext, a.output_dir.as_deref()));
+        let sidecar = sink
+            .sidecar_ext
+            .as_ref()
+            .map(|ext| dataset::sidecar_path(&img, ext, a.output_dir.as_deref()));
         if let Some(sc) = &sidecar {
             // photo.jpg and photo.png would share photo.txt: the first in sorted order keeps it.
             // Claims are made over the whole input, so every shard agrees on the owner.
@@ -316,7 +345,10 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
     };
     if !work.is_empty() {
         // Decode images on a worker thread while the model runs.
-        let opts = DecodeOptions { exif_orientation: !a.no_exif_orientation, max_pixels: a.max_pixels };
+        let opts = DecodeOptions {
+            exif_orientation: !a.no_exif_orientation,
+            max_pixels: a.max_pixels,
+        };
         let (tx, rx) = sync_channel::<(InputImage, Option<PathBuf>, Result<Decoded, String>)>(2 * a.batch_size);
         let stop = interrupted.clone();
         // Set once the model (and so its image size) is known; from then on the loader resizes too.
@@ -354,12 +386,16 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                        sink: &mut Sink,
                        tally: &mut Tally|
          -> Result<(), Error> {
-            let Some((model, gen, gen_json)) = engine else { return Ok(()) };
+            let Some((model, gen, gen_json)) = engine else {
+                return Ok(());
+            };
             if batch.is_empty() {
                 return Ok(());
             }
-            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<PreparedImage>) =
-                batch.drain(..).map(|(img, sidecar, prepared)| ((img, sidecar), prepared)).unzip();
+            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<PreparedImage>) = batch
+                .drain(..)
+                .map(|(img, sidecar, prepared)| ((img, sidecar), prepared))
+                .unzip();
             let results = model.run_prepared(&imgs, &task, gen)?;
             for ((img, sidecar), r) in items.into_iter().zip(results) {
                 let caption = match &r.result {
@@ -371,7 +407,13 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
                     let old = std::fs::read_to_string(sc).ok();
                     if let Some(text) = dataset::merge_caption(old.as_deref(), &caption, policy, &a.separator) {
                         if let Err(e) = dataset::write_atomic(sc, format!("{text}\n").as_bytes()) {
-                            report_failure(sink, tally, &img.path, &format!("cannot write {}: {e}", sc.display()), &bar);
+                            report_failure(
+                                sink,
+                                tally,
+                                &img.path,
+                                &format!("cannot write {}: {e}", sc.display()),
+                                &bar,
+                            );
                             bar.inc(1);
                             continue;
                         }
@@ -428,7 +470,9 @@ pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> 
         let _ = loader.join();
     }
     bar.finish_and_clear();
-    sink.out.flush().map_err(|e| Error::Usage(format!("cannot write results: {e}")))?;
+    sink.out
+        .flush()
+        .map_err(|e| Error::Usage(format!("cannot write results: {e}")))?;
     let secs = started.elapsed().as_secs_f64();
     let stopped = interrupted.load(Ordering::Relaxed);
     if !a.quiet && (dataset_mode || tally.failed > 0 || stopped) {
@@ -477,7 +521,13 @@ fn write_record(
                 writeln!(sink.out, "path,task,caption")?;
                 sink.csv_header_written = true;
             }
-            writeln!(sink.out, "{},{},{}", csv_field(&path), csv_field(&task.name), csv_field(caption))
+            writeln!(
+                sink.out,
+                "{},{},{}",
+                csv_field(&path),
+                csv_field(&task.name),
+                csv_field(caption)
+            )
         }
         Some(Format::Text) => {
             if single_input && sink.sidecar_ext.is_none() {

@@ -11,7 +11,11 @@ mod caption;
 mod precision;
 
 #[derive(Parser)]
-#[command(name = "florence", version, about = "Caption, detect and ground with Florence-2 models, token for token like transformers")]
+#[command(
+    name = "florence",
+    version,
+    about = "Caption, detect and ground with Florence-2 models, token for token like transformers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,9 @@ reported on stderr and in --errors), 2 when the run could not start or was inter
     Caption(Box<caption::CaptionArgs>),
     /// Time each stage of a generation (image decode, preprocessing, vision tower, projector,
     /// text encoder, decoder steps, search) and report peak memory.
-    #[command(after_help = "Examples:\n  florence bench --model ./Florence-2-base --threads 2 --num-beams 3 --new-tokens 64 photo.jpg\n  florence bench --model ./Florence-2-base --threads 2 --quantize q8 photo.jpg")]
+    #[command(
+        after_help = "Examples:\n  florence bench --model ./Florence-2-base --threads 2 --num-beams 3 --new-tokens 64 photo.jpg\n  florence bench --model ./Florence-2-base --threads 2 --quantize q8 photo.jpg"
+    )]
     Bench(BenchCommand),
 }
 

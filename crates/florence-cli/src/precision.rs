@@ -39,7 +39,11 @@ impl PrecisionArgs {
             Some(Quantize::Q8) => WeightFormat::Q8,
             None => vision,
         };
-        LoadOptions { vision_weights: vision, language_weights: language, ..LoadOptions::default() }
+        LoadOptions {
+            vision_weights: vision,
+            language_weights: language,
+            ..LoadOptions::default()
+        }
     }
 
     /// A short description for reports, such as `f32` or `bf16 + q8 language model`.

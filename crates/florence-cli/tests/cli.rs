@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn florence(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_florence")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_florence"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -18,7 +21,11 @@ fn stderr(o: &Output) -> String {
 
 fn jsonl(o: &Output) -> Vec<Value> {
     assert!(o.status.success(), "florence failed: {}", stderr(o));
-    String::from_utf8(o.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Every single-image case the CLI flags can express gives transformers' exact output.
@@ -30,15 +37,28 @@ fn jsonl_output_equals_the_reference() {
         let model = dir.path().to_str().unwrap();
         for case in common::cases(&name)["cases"].as_array().unwrap() {
             let g = &case["generation"];
-            if case["images"].as_array().unwrap().len() != 1 || g.get("length_penalty").is_some() || g["early_stopping"] == false {
+            if case["images"].as_array().unwrap().len() != 1
+                || g.get("length_penalty").is_some()
+                || g["early_stopping"] == false
+            {
                 continue;
             }
             let image = common::image(case["images"][0].as_str().unwrap());
             let num = |k: &str| g[k].as_u64().map(|v| v.to_string());
             let mut args = vec![
-                "caption".to_string(), "--model".into(), model.into(), "--task".into(), case["task"].as_str().unwrap().into(),
-                "--num-beams".into(), num("num_beams").unwrap(), "--max-new-tokens".into(), num("max_new_tokens").unwrap(),
-                "--threads".into(), "2".into(), "--format".into(), "jsonl".into(),
+                "caption".to_string(),
+                "--model".into(),
+                model.into(),
+                "--task".into(),
+                case["task"].as_str().unwrap().into(),
+                "--num-beams".into(),
+                num("num_beams").unwrap(),
+                "--max-new-tokens".into(),
+                num("max_new_tokens").unwrap(),
+                "--threads".into(),
+                "2".into(),
+                "--format".into(),
+                "jsonl".into(),
             ];
             if let Some(m) = num("min_new_tokens") {
                 args.extend(["--min-new-tokens".into(), m]);
@@ -67,11 +87,25 @@ fn jsonl_output_equals_the_reference() {
 fn batches_equal_single_runs() {
     let dir = common::model_dir("remote_f32");
     let model = dir.path().to_str().unwrap();
-    let images: Vec<String> = ["noise_rgb.png", "gradient_rgba.png", "gray16.png", "palette.png", "gray8.png"]
-        .iter()
-        .map(|i| common::image(i).to_str().unwrap().to_string())
-        .collect();
-    let base = ["caption", "--model", model, "--max-new-tokens", "12", "--format", "jsonl"];
+    let images: Vec<String> = [
+        "noise_rgb.png",
+        "gradient_rgba.png",
+        "gray16.png",
+        "palette.png",
+        "gray8.png",
+    ]
+    .iter()
+    .map(|i| common::image(i).to_str().unwrap().to_string())
+    .collect();
+    let base = [
+        "caption",
+        "--model",
+        model,
+        "--max-new-tokens",
+        "12",
+        "--format",
+        "jsonl",
+    ];
     let run = |batch: &str, imgs: &[String]| {
         let mut args: Vec<&str> = base.to_vec();
         args.extend(["--batch-size", batch]);
@@ -94,13 +128,27 @@ fn bad_images_are_reported_and_skipped() {
     std::fs::write(&empty, "").unwrap();
     let good = common::image("gray8.png");
     let o = florence(&[
-        "caption", "--model", dir.path().to_str().unwrap(), "--max-new-tokens", "4", "--format", "jsonl",
-        bad.to_str().unwrap(), empty.to_str().unwrap(), good.to_str().unwrap(),
+        "caption",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--format",
+        "jsonl",
+        bad.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        good.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(1), "a failed image makes the exit code 1");
     let err = stderr(&o);
-    assert!(err.contains("not-an-image.jpg: cannot decode image: not a recognized image format"), "{err}");
-    assert!(err.contains("empty.png: cannot decode image: the file is empty"), "{err}");
+    assert!(
+        err.contains("not-an-image.jpg: cannot decode image: not a recognized image format"),
+        "{err}"
+    );
+    assert!(
+        err.contains("empty.png: cannot decode image: the file is empty"),
+        "{err}"
+    );
     let out = String::from_utf8(o.stdout).unwrap();
     assert_eq!(out.lines().count(), 1, "the good image is still captioned");
     assert!(out.contains("gray8.png"));
@@ -136,7 +184,11 @@ fn bad_models_give_one_line_errors() {
     assert!(run(dir.path()).contains("model.safetensors: cannot read safetensors"));
     // Weights of another shape than the config says.
     let dir = common::model_dir("remote_f32");
-    std::fs::copy(common::fixtures().join("models/native_f32/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        common::fixtures().join("models/native_f32/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     assert!(run(dir.path()).contains("does not match config.json"));
 }
 
@@ -144,7 +196,14 @@ fn bad_models_give_one_line_errors() {
 fn task_input_is_required_where_needed() {
     let dir = common::model_dir("native_f32");
     let img = common::image("gray8.png");
-    let o = florence(&["caption", "--model", dir.path().to_str().unwrap(), "--task", "<REGION_TO_CATEGORY>", img.to_str().unwrap()]);
+    let o = florence(&[
+        "caption",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--task",
+        "<REGION_TO_CATEGORY>",
+        img.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("needs a text input"));
 }
@@ -166,7 +225,16 @@ fn hub_ids_resolve_from_the_cache() {
     let img = common::image("gray8.png");
     let run = |model: &str, env: &[(&str, &str)]| {
         Command::new(env!("CARGO_BIN_EXE_florence"))
-            .args(["caption", "--model", model, "--max-new-tokens", "5", "--format", "jsonl", img.to_str().unwrap()])
+            .args([
+                "caption",
+                "--model",
+                model,
+                "--max-new-tokens",
+                "5",
+                "--format",
+                "jsonl",
+                img.to_str().unwrap(),
+            ])
             .env("HF_HUB_CACHE", cache.path())
             .env_remove("HF_HUB_OFFLINE")
             .envs(env.iter().copied())
@@ -181,6 +249,12 @@ fn hub_ids_resolve_from_the_cache() {
     let o = run("tiny-org/not-downloaded", &[("HF_HUB_OFFLINE", "1")]);
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("tiny-org/not-downloaded is not in the Hugging Face cache"), "{err}");
-    assert!(err.contains("huggingface-cli download tiny-org/not-downloaded"), "{err}");
+    assert!(
+        err.contains("tiny-org/not-downloaded is not in the Hugging Face cache"),
+        "{err}"
+    );
+    assert!(
+        err.contains("huggingface-cli download tiny-org/not-downloaded"),
+        "{err}"
+    );
 }

@@ -12,7 +12,10 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn florence(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_florence")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_florence"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -68,10 +71,22 @@ fn make_corpus(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, &'static str)>) {
     let photo = enc(noise(80, 50, 2).into(), image::ImageFormat::Jpeg);
     put("b/photo.jpg", photo.clone());
     put("b/rotated.jpg", jpeg_with_orientation(&photo, 6));
-    put("b/gray.jpg", enc(image::DynamicImage::ImageRgb8(noise(40, 40, 3)).grayscale(), image::ImageFormat::Jpeg));
+    put(
+        "b/gray.jpg",
+        enc(
+            image::DynamicImage::ImageRgb8(noise(40, 40, 3)).grayscale(),
+            image::ImageFormat::Jpeg,
+        ),
+    );
     put("c/img.bmp", enc(noise(20, 30, 4).into(), image::ImageFormat::Bmp));
     put("c/img.tiff", enc(noise(25, 25, 5).into(), image::ImageFormat::Tiff));
-    put("c/lossless.webp", enc(image::DynamicImage::ImageRgba8(image::DynamicImage::ImageRgb8(noise(30, 20, 6)).to_rgba8()), image::ImageFormat::WebP));
+    put(
+        "c/lossless.webp",
+        enc(
+            image::DynamicImage::ImageRgba8(image::DynamicImage::ImageRgb8(noise(30, 20, 6)).to_rgba8()),
+            image::ImageFormat::WebP,
+        ),
+    );
     {
         let mut buf = Vec::new();
         let mut gif = image::codecs::gif::GifEncoder::new(&mut buf);
@@ -83,7 +98,10 @@ fn make_corpus(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, &'static str)>) {
         put("c/anim.gif", buf);
     }
     put("c/one_pixel.png", enc(noise(1, 1, 9).into(), image::ImageFormat::Png));
-    put("c/ünïcödé 画像.png", enc(noise(12, 12, 10).into(), image::ImageFormat::Png));
+    put(
+        "c/ünïcödé 画像.png",
+        enc(noise(12, 12, 10).into(), image::ImageFormat::Png),
+    );
     put("c/no_extension", enc(noise(14, 9, 11).into(), image::ImageFormat::Png));
     #[cfg(unix)]
     {
@@ -103,8 +121,16 @@ fn make_corpus(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, &'static str)>) {
     let bad = vec![
         (bad_dir.join("zero.jpg"), Vec::new(), "empty"),
         (bad_dir.join("truncated.png"), png[..png.len() / 2].to_vec(), "decode"),
-        (bad_dir.join("text.jpg"), b"this is not a picture\n".to_vec(), "not a recognized image format"),
-        (bad_dir.join("huge.png"), enc(noise(1200, 1000, 13).into(), image::ImageFormat::Png), "above the limit"),
+        (
+            bad_dir.join("text.jpg"),
+            b"this is not a picture\n".to_vec(),
+            "not a recognized image format",
+        ),
+        (
+            bad_dir.join("huge.png"),
+            enc(noise(1200, 1000, 13).into(), image::ImageFormat::Png),
+            "above the limit",
+        ),
     ];
     let mut bad: Vec<(PathBuf, &'static str)> = bad
         .into_iter()
@@ -129,8 +155,17 @@ fn single_captions(model: &str, images: &[PathBuf]) -> BTreeMap<PathBuf, String>
         let mut args = vec!["caption", "--model", model, "--format", "jsonl"];
         args.extend(GEN);
         // By OsStr: one file name is not UTF-8.
-        let o = Command::new(env!("CARGO_BIN_EXE_florence")).args(&args).arg(img).output().unwrap();
-        assert!(o.status.success(), "{}: {}", img.display(), String::from_utf8_lossy(&o.stderr));
+        let o = Command::new(env!("CARGO_BIN_EXE_florence"))
+            .args(&args)
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            img.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         out.insert(img.clone(), v["text"].as_str().unwrap().to_string());
     }
@@ -171,25 +206,52 @@ fn messy_folder_is_captioned_safely_and_resumably() {
     assert_eq!((rotated.width, rotated.height), (plain.height, plain.width));
 
     let errors = tmp.path().join("errors.jsonl");
-    let mut args = vec!["caption", "--model", &model, "-r", s(&data), "--errors", s(&errors), "--max-pixels", "1000000", "--batch-size", "3"];
+    let mut args = vec![
+        "caption",
+        "--model",
+        &model,
+        "-r",
+        s(&data),
+        "--errors",
+        s(&errors),
+        "--max-pixels",
+        "1000000",
+        "--batch-size",
+        "3",
+    ];
     args.extend(GEN);
     let o = florence(&args);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "bad files make the exit code 1: {stderr}");
-    assert!(stderr.contains(&format!("{} captioned, 1 skipped, {} failed", valid.len() - 1, bad.len())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} captioned, 1 skipped, {} failed",
+            valid.len() - 1,
+            bad.len()
+        )),
+        "{stderr}"
+    );
 
     for img in &valid {
-        let got = std::fs::read_to_string(sidecar(img)).unwrap_or_else(|e| panic!("{}: no caption: {e}", img.display()));
+        let got =
+            std::fs::read_to_string(sidecar(img)).unwrap_or_else(|e| panic!("{}: no caption: {e}", img.display()));
         if img == &hand_written {
             assert_eq!(got, "my own caption\n", "a hand-written caption was changed");
         } else {
             assert_eq!(got, format!("{}\n", expected[img]), "{}", img.display());
         }
     }
-    let logged: Vec<Value> = std::fs::read_to_string(&errors).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let logged: Vec<Value> = std::fs::read_to_string(&errors)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(logged.len(), bad.len(), "{logged:?}");
     for (path, why) in &bad {
-        let entry = logged.iter().find(|e| e["path"] == s(path)).unwrap_or_else(|| panic!("{} not logged", path.display()));
+        let entry = logged
+            .iter()
+            .find(|e| e["path"] == s(path))
+            .unwrap_or_else(|| panic!("{} not logged", path.display()));
         assert!(entry["error"].as_str().unwrap().contains(why), "{entry}");
         // (the collision's sidecar exists: it is the other image's, checked above)
         assert!(*why == "already the caption of" || !sidecar(path).exists());
@@ -197,18 +259,41 @@ fn messy_folder_is_captioned_safely_and_resumably() {
     assert!(temp_files(&data).is_empty());
 
     // A rerun finds nothing to caption: it never loads the model (a missing one is fine).
-    let mut args = vec!["caption", "--model", "/nonexistent/model", "-r", s(&data), "--max-pixels", "1000000"];
+    let mut args = vec![
+        "caption",
+        "--model",
+        "/nonexistent/model",
+        "-r",
+        s(&data),
+        "--max-pixels",
+        "1000000",
+    ];
     args.extend(GEN);
     let o = florence(&args);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("0 captioned, {} skipped, {} failed", valid.len(), bad.len())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("0 captioned, {} skipped, {} failed", valid.len(), bad.len())),
+        "{stderr}"
+    );
 
     // --existing append keeps the hand-written caption and adds the model's.
-    let mut args = vec!["caption", "--model", &model, "--existing", "append", "--ext", ".txt", s(&hand_written)];
+    let mut args = vec![
+        "caption",
+        "--model",
+        &model,
+        "--existing",
+        "append",
+        "--ext",
+        ".txt",
+        s(&hand_written),
+    ];
     args.extend(GEN);
     assert!(florence(&args).status.success());
-    assert_eq!(std::fs::read_to_string(sidecar(&hand_written)).unwrap(), format!("my own caption, {}\n", expected[&hand_written]));
+    assert_eq!(
+        std::fs::read_to_string(sidecar(&hand_written)).unwrap(),
+        format!("my own caption, {}\n", expected[&hand_written])
+    );
 
     // Shards partition the folder exactly.
     let mut seen: BTreeSet<String> = BTreeSet::new();
@@ -217,7 +302,22 @@ fn messy_folder_is_captioned_safely_and_resumably() {
         let out = tmp.path().join(format!("shard{i}"));
         let manifest = tmp.path().join(format!("shard{i}.jsonl"));
         let shard = format!("{i}/3");
-        let mut args = vec!["caption", "--model", &model, "-r", s(&data), "--shard", &shard, "--output-dir", s(&out), "--manifest", s(&manifest), "-q", "--max-pixels", "1000000"];
+        let mut args = vec![
+            "caption",
+            "--model",
+            &model,
+            "-r",
+            s(&data),
+            "--shard",
+            &shard,
+            "--output-dir",
+            s(&out),
+            "--manifest",
+            s(&manifest),
+            "-q",
+            "--max-pixels",
+            "1000000",
+        ];
         args.extend(GEN);
         florence(&args);
         for line in std::fs::read_to_string(&manifest).unwrap().lines() {
@@ -253,7 +353,10 @@ fn killed_run_leaves_no_partial_files_and_resumes() {
 
     let mut args = vec!["caption", "--model", &model, s(&data), "-q"];
     args.extend(GEN);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_florence")).args(&args).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_florence"))
+        .args(&args)
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while images.iter().filter(|p| sidecar(p).exists()).count() < 5 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -261,9 +364,17 @@ fn killed_run_leaves_no_partial_files_and_resumes() {
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let done = images.iter().filter(|p| sidecar(p).exists()).count();
-    assert!(done >= 5 && done < images.len(), "the run was not interrupted mid-way ({done} done)");
+    assert!(
+        done >= 5 && done < images.len(),
+        "the run was not interrupted mid-way ({done} done)"
+    );
     for p in images.iter().filter(|p| sidecar(p).exists()) {
-        assert_eq!(std::fs::read_to_string(sidecar(p)).unwrap(), want(p), "partial caption in {}", p.display());
+        assert_eq!(
+            std::fs::read_to_string(sidecar(p)).unwrap(),
+            want(p),
+            "partial caption in {}",
+            p.display()
+        );
     }
 
     let o = florence(&args);
@@ -291,20 +402,42 @@ fn unwritable_caption_is_reported_and_the_run_goes_on() {
         images.push(p);
     }
     let errors = tmp.path().join("errors.jsonl");
-    let mut args = vec!["caption", "--model", &model, s(&data), "-q", "--existing", "overwrite", "--errors", s(&errors)];
+    let mut args = vec![
+        "caption",
+        "--model",
+        &model,
+        s(&data),
+        "-q",
+        "--existing",
+        "overwrite",
+        "--errors",
+        s(&errors),
+    ];
     args.extend(GEN);
     let o = florence(&args);
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
-    let logged: Vec<Value> =
-        std::fs::read_to_string(&errors).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let logged: Vec<Value> = std::fs::read_to_string(&errors)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(logged[0]["path"], s(&images[1]));
     let reason = logged[0]["error"].as_str().unwrap();
-    assert!(reason.starts_with("cannot write ") && reason.contains("b.txt"), "{reason}");
+    assert!(
+        reason.starts_with("cannot write ") && reason.contains("b.txt"),
+        "{reason}"
+    );
     let expected = single_captions(&model, &images[..1]);
     for p in [&images[0], &images[2]] {
-        assert_eq!(std::fs::read_to_string(sidecar(p)).unwrap(), format!("{}\n", expected[&images[0]]));
+        assert_eq!(
+            std::fs::read_to_string(sidecar(p)).unwrap(),
+            format!("{}\n", expected[&images[0]])
+        );
     }
-    assert!(sidecar(&images[1]).is_dir(), "the folder in the caption's place was touched");
+    assert!(
+        sidecar(&images[1]).is_dir(),
+        "the folder in the caption's place was touched"
+    );
     assert!(temp_files(&data).is_empty(), "temporary files left behind");
 }

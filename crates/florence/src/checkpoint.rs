@@ -43,8 +43,8 @@ impl WeightFiles {
 
     fn from_index(dir: &Path, index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(index, format!("not valid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::checkpoint(index, format!("not valid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -74,7 +74,12 @@ impl WeightFiles {
 #[derive(Debug)]
 enum Entry {
     /// In a safetensors file, read when asked for.
-    Stored { file: usize, offset: u64, dtype: DType, shape: Vec<usize> },
+    Stored {
+        file: usize,
+        offset: u64,
+        dtype: DType,
+        shape: Vec<usize>,
+    },
     /// Already in memory (PyTorch pickles are read whole).
     Loaded(Tensor),
 }
@@ -100,9 +105,8 @@ impl Checkpoint {
             let is_pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
             if is_pickle {
                 // candle's reader only interprets the pickle opcodes; no code is executed.
-                let tensors = candle_core::pickle::read_all(path).map_err(|e| {
-                    Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}"))
-                })?;
+                let tensors = candle_core::pickle::read_all(path)
+                    .map_err(|e| Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}")))?;
                 raw.extend(tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))));
                 files.push(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
             } else {
@@ -126,7 +130,12 @@ impl Checkpoint {
                 Layout::Native => (native_to_remote(&name), e),
             })
             .collect();
-        Ok(Self { files, paths: weights.files.clone(), entries, layout })
+        Ok(Self {
+            files,
+            paths: weights.files.clone(),
+            entries,
+            layout,
+        })
     }
 
     /// The file the tensors come from (the first shard), for messages.
@@ -142,7 +151,12 @@ impl Checkpoint {
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         let t = match entry {
             Entry::Loaded(t) => t.clone(),
-            Entry::Stored { file, offset, dtype, shape } => {
+            Entry::Stored {
+                file,
+                offset,
+                dtype,
+                shape,
+            } => {
                 let f = &self.files[*file];
                 let read = |e: std::io::Error| {
                     candle_core::Error::Msg(format!(
@@ -159,7 +173,11 @@ impl Checkpoint {
             }
         };
         // The native projector is a Linear (`[out, in]`); the remote one a matrix (`[in, out]`).
-        let t = if self.layout == Layout::Native && name == "image_projection" { t.t()?.contiguous()? } else { t };
+        let t = if self.layout == Layout::Native && name == "image_projection" {
+            t.t()?.contiguous()?
+        } else {
+            t
+        };
         t.to_dtype(dtype)
     }
 }
@@ -234,7 +252,9 @@ fn index_safetensors(path: &Path, file: usize) -> std::result::Result<(std::fs::
     f.read_exact(&mut n).map_err(|e| format!("no header ({e})"))?;
     let header_len = u64::from_le_bytes(n);
     if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
-        return Err(format!("header length {header_len} does not fit a {file_len}-byte file"));
+        return Err(format!(
+            "header length {header_len} does not fit a {file_len}-byte file"
+        ));
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(|e| e.to_string())?;
@@ -252,12 +272,25 @@ fn index_safetensors(path: &Path, file: usize) -> std::result::Result<(std::fs::
             .as_array()
             .ok_or_else(|| format!("tensor {name}: bad shape"))?
             .iter()
-            .map(|v| v.as_u64().map(|v| v as usize).ok_or_else(|| format!("tensor {name}: bad shape")))
+            .map(|v| {
+                v.as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| format!("tensor {name}: bad shape"))
+            })
             .collect::<std::result::Result<_, _>>()?;
-        let offsets = field("data_offsets")?.as_array().ok_or_else(|| format!("tensor {name}: bad offsets"))?;
-        let (begin, end) = match (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64())) {
+        let offsets = field("data_offsets")?
+            .as_array()
+            .ok_or_else(|| format!("tensor {name}: bad offsets"))?;
+        let (begin, end) = match (
+            offsets.first().and_then(|v| v.as_u64()),
+            offsets.get(1).and_then(|v| v.as_u64()),
+        ) {
             (Some(b), Some(e)) if b <= e && data_start + e <= file_len => (b, e),
-            _ => return Err(format!("tensor {name}: data offsets outside the file (truncated download?)")),
+            _ => {
+                return Err(format!(
+                    "tensor {name}: data offsets outside the file (truncated download?)"
+                ))
+            }
         };
         let (width, dtype) = match dtype.as_str() {
             "F32" => (4, DType::F32),
@@ -268,9 +301,20 @@ fn index_safetensors(path: &Path, file: usize) -> std::result::Result<(std::fs::
         };
         let elems: usize = shape.iter().product();
         if (end - begin) as usize != elems * width {
-            return Err(format!("tensor {name}: {} bytes for {elems} {dtype:?} values", end - begin));
+            return Err(format!(
+                "tensor {name}: {} bytes for {elems} {dtype:?} values",
+                end - begin
+            ));
         }
-        out.push((name, Entry::Stored { file, offset: data_start + begin, dtype, shape }));
+        out.push((
+            name,
+            Entry::Stored {
+                file,
+                offset: data_start + begin,
+                dtype,
+                shape,
+            },
+        ));
     }
     Ok((f, out))
 }
@@ -314,7 +358,11 @@ fn native_to_remote(name: &str) -> String {
     // blocks.{s}.{b}.{spatial_block|channel_block}.{sub}...
     if parts.first() == Some(&"blocks") && parts.len() >= 6 {
         let block = parts[3];
-        let attn = if block == "spatial_block" { "window_attn" } else { "channel_attn" };
+        let attn = if block == "spatial_block" {
+            "window_attn"
+        } else {
+            "channel_attn"
+        };
         let tail = parts[5..].join(".");
         let sub = match parts[4] {
             "conv1" | "conv2" => format!("{}.fn.dw.{tail}", parts[4]),
@@ -348,8 +396,7 @@ mod tests {
         let native = read("keys_native_layout.txt");
         assert_eq!(detect_layout(&remote), Some(Layout::Remote));
         assert_eq!(detect_layout(&native), Some(Layout::Native));
-        let mapped: std::collections::HashSet<String> =
-            native.iter().map(|n| native_to_remote(n)).collect();
+        let mapped: std::collections::HashSet<String> = native.iter().map(|n| native_to_remote(n)).collect();
         for m in &mapped {
             assert!(remote.contains(m), "{m} is not a remote key");
         }

@@ -195,8 +195,7 @@ impl Florence2Config {
 
     /// Parses a `config.json` text in either layout.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| Error::config(format!("not valid JSON: {e}")))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::config(format!("not valid JSON: {e}")))?;
         if let Some(mt) = &raw.model_type {
             if mt != "florence2" {
                 return Err(Error::config(format!(
@@ -209,13 +208,13 @@ impl Florence2Config {
                 "missing vision_config or text_config: this is not a Florence-2 model config",
             ));
         };
-        let config_layout = if v.embed_dim.is_some() { Layout::Native } else { Layout::Remote };
-        let dim_embed = v
-            .dim_embed
-            .or(v.embed_dim)
-            .unwrap_or_else(|| vec![128, 256, 512, 1024]);
-        let text: TextConfig = serde_json::from_value(t)
-            .map_err(|e| Error::config(format!("text_config: {e}")))?;
+        let config_layout = if v.embed_dim.is_some() {
+            Layout::Native
+        } else {
+            Layout::Remote
+        };
+        let dim_embed = v.dim_embed.or(v.embed_dim).unwrap_or_else(|| vec![128, 256, 512, 1024]);
+        let text: TextConfig = serde_json::from_value(t).map_err(|e| Error::config(format!("text_config: {e}")))?;
         let projection_dim = v.projection_dim.unwrap_or(text.d_model);
         let vision = VisionConfig {
             dim_embed,
@@ -247,7 +246,11 @@ impl Florence2Config {
                 )));
             }
         }
-        let cfg = Self { vision, text, config_layout };
+        let cfg = Self {
+            vision,
+            text,
+            config_layout,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -373,8 +376,8 @@ struct RawSize {
 impl PreprocessorConfig {
     /// Parses `preprocessor_config.json` (or the `image_processor` part of `processor_config.json`).
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut raw: RawPreprocessor = serde_json::from_str(text)
-            .map_err(|e| Error::config(format!("not valid JSON: {e}")))?;
+        let mut raw: RawPreprocessor =
+            serde_json::from_str(text).map_err(|e| Error::config(format!("not valid JSON: {e}")))?;
         if let Some(inner) = raw.image_processor.take() {
             raw = *inner;
         }

@@ -6,8 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File extensions taken as images without looking inside (case-insensitive).
-const IMAGE_EXTENSIONS: &[&str] =
-    &["png", "jpg", "jpeg", "jfif", "webp", "gif", "bmp", "tif", "tiff"];
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "jfif", "webp", "gif", "bmp", "tif", "tiff"];
 
 /// An image to caption, with the input folder it was found under (for mirrored outputs).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,9 +54,15 @@ pub fn collect_images(inputs: &[PathBuf], recursive: bool) -> (Vec<InputImage>, 
             }
             Ok(_) => {
                 let root = input.parent().map(Path::to_path_buf).unwrap_or_default();
-                images.push(InputImage { path: input.clone(), root });
+                images.push(InputImage {
+                    path: input.clone(),
+                    root,
+                });
             }
-            Err(e) => errors.push(InputError { path: input.clone(), reason: e.to_string() }),
+            Err(e) => errors.push(InputError {
+                path: input.clone(),
+                reason: e.to_string(),
+            }),
         }
     }
     let mut seen = HashSet::new();
@@ -80,14 +85,20 @@ fn walk(
             }
         }
         Err(e) => {
-            errors.push(InputError { path: dir.to_path_buf(), reason: e.to_string() });
+            errors.push(InputError {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            });
             return;
         }
     }
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) => {
-            errors.push(InputError { path: dir.to_path_buf(), reason: format!("cannot list folder: {e}") });
+            errors.push(InputError {
+                path: dir.to_path_buf(),
+                reason: format!("cannot list folder: {e}"),
+            });
             return;
         }
     };
@@ -102,11 +113,17 @@ fn walk(
             }
             Ok(_) => {
                 if has_image_extension(&path) || sniffs_as_image(&path) {
-                    images.push(InputImage { path, root: root.to_path_buf() });
+                    images.push(InputImage {
+                        path,
+                        root: root.to_path_buf(),
+                    });
                 }
             }
             // A dangling symlink named like an image is worth reporting; other entries are not.
-            Err(e) if has_image_extension(&path) => errors.push(InputError { path, reason: e.to_string() }),
+            Err(e) if has_image_extension(&path) => errors.push(InputError {
+                path,
+                reason: e.to_string(),
+            }),
             Err(_) => {}
         }
     }
@@ -157,7 +174,10 @@ pub fn sidecar_path(image: &InputImage, ext: &str, output_dir: Option<&Path>) ->
     match output_dir {
         None => with_ext(&image.path),
         Some(out) => {
-            let rel = image.path.strip_prefix(&image.root).unwrap_or(image.path.file_name().map(Path::new).unwrap_or(&image.path));
+            let rel = image
+                .path
+                .strip_prefix(&image.root)
+                .unwrap_or(image.path.file_name().map(Path::new).unwrap_or(&image.path));
             with_ext(&out.join(rel))
         }
     }
@@ -237,18 +257,33 @@ mod tests {
 
     #[test]
     fn sidecars_next_to_images_or_mirrored() {
-        let img = InputImage { path: PathBuf::from("data/a/b.photo.JPG"), root: PathBuf::from("data") };
+        let img = InputImage {
+            path: PathBuf::from("data/a/b.photo.JPG"),
+            root: PathBuf::from("data"),
+        };
         assert_eq!(sidecar_path(&img, ".txt", None), PathBuf::from("data/a/b.photo.txt"));
-        assert_eq!(sidecar_path(&img, ".caption", Some(Path::new("out"))), PathBuf::from("out/a/b.photo.caption"));
+        assert_eq!(
+            sidecar_path(&img, ".caption", Some(Path::new("out"))),
+            PathBuf::from("out/a/b.photo.caption")
+        );
     }
 
     #[test]
     fn merge_policies() {
         assert_eq!(merge_caption(None, "new", Existing::Skip, ", ").as_deref(), Some("new"));
         assert_eq!(merge_caption(Some("old\n"), "new", Existing::Skip, ", "), None);
-        assert_eq!(merge_caption(Some("old\n"), "new", Existing::Overwrite, ", ").as_deref(), Some("new"));
-        assert_eq!(merge_caption(Some("old\n"), "new", Existing::Append, ", ").as_deref(), Some("old, new"));
-        assert_eq!(merge_caption(Some("old"), "new", Existing::Prepend, ", ").as_deref(), Some("new, old"));
+        assert_eq!(
+            merge_caption(Some("old\n"), "new", Existing::Overwrite, ", ").as_deref(),
+            Some("new")
+        );
+        assert_eq!(
+            merge_caption(Some("old\n"), "new", Existing::Append, ", ").as_deref(),
+            Some("old, new")
+        );
+        assert_eq!(
+            merge_caption(Some("old"), "new", Existing::Prepend, ", ").as_deref(),
+            Some("new, old")
+        );
     }
 
     #[test]

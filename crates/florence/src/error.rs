@@ -53,13 +53,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
     pub(crate) fn config(message: impl Into<String>) -> Self {
-        Error::Config { file: None, message: message.into() }
+        Error::Config {
+            file: None,
+            message: message.into(),
+        }
     }
     pub(crate) fn checkpoint(path: &Path, message: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.to_path_buf(), message: message.into() }
+        Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
     }
     pub(crate) fn usage(message: impl Into<String>) -> Self {
         Error::Usage(message.into())
@@ -67,9 +76,10 @@ impl Error {
     /// Attaches the file a configuration error came from.
     pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
-            Error::Config { file: None, message } => {
-                Error::Config { file: Some(path.to_path_buf()), message }
-            }
+            Error::Config { file: None, message } => Error::Config {
+                file: Some(path.to_path_buf()),
+                message,
+            },
             other => other,
         }
     }

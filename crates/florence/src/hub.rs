@@ -64,7 +64,10 @@ pub fn resolve(model: &str, offline: bool, progress: bool) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !looks_like_repo_id(model) {
-        return Err(Error::checkpoint(path, "is not a directory nor a Hugging Face model id (ORG/NAME)"));
+        return Err(Error::checkpoint(
+            path,
+            "is not a directory nor a Hugging Face model id (ORG/NAME)",
+        ));
     }
     let cache = cache_dir();
     if let Some(snap) = cached_snapshot(&cache, model) {
@@ -104,9 +107,14 @@ fn download(model: &str, cache: &Path, progress: bool) -> Result<PathBuf> {
     }
     if let Ok(index) = repo.get("model.safetensors.index.json") {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
-        let mut shards: Vec<&str> = json["weight_map"].as_object().into_iter().flatten().filter_map(|(_, v)| v.as_str()).collect();
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::checkpoint(&index, format!("not valid JSON: {e}")))?;
+        let mut shards: Vec<&str> = json["weight_map"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_str())
+            .collect();
         shards.sort();
         shards.dedup();
         for s in shards {

@@ -188,7 +188,15 @@ impl DecoderLayer {
         let q = sa.step_queries(x, rows)?;
         state.self_k.extend(sa.k_proj.forward_decode(x, rows, Epilogue::None)?);
         state.self_v.extend(sa.v_proj.forward_decode(x, rows, Epilogue::None)?);
-        let y = attend_rows(&q, sa.heads, sa.head_dim, 1, Keys::Rows(&state.self_k), &state.self_v, self_starts);
+        let y = attend_rows(
+            &q,
+            sa.heads,
+            sa.head_dim,
+            1,
+            Keys::Rows(&state.self_k),
+            &state.self_v,
+            self_starts,
+        );
         let x = self
             .self_attn_layer_norm
             .forward_rows(&sa.out_proj.forward_decode(&y, rows, Epilogue::Residual(x))?);
@@ -196,7 +204,15 @@ impl DecoderLayer {
         // All beams of an image attend to the same memory keys and values.
         let ca = &self.encoder_attn;
         let q = ca.step_queries(&x, rows)?;
-        let y = attend_rows(&q, ca.heads, ca.head_dim, rows_per_image, Keys::Transposed(&state.cross_k_t), &state.cross_v, cross_starts);
+        let y = attend_rows(
+            &q,
+            ca.heads,
+            ca.head_dim,
+            rows_per_image,
+            Keys::Transposed(&state.cross_k_t),
+            &state.cross_v,
+            cross_starts,
+        );
         let x =
             self.encoder_attn_layer_norm
                 .forward_rows(&ca.out_proj.forward_decode(&y, rows, Epilogue::Residual(&x))?);
@@ -294,7 +310,10 @@ impl BartDecoder {
             .iter()
             .map(|l| {
                 let ca = &l.encoder_attn;
-                let k = ca.k_proj.forward(memory)?.reshape((images, len, ca.heads, ca.head_dim))?;
+                let k = ca
+                    .k_proj
+                    .forward(memory)?
+                    .reshape((images, len, ca.heads, ca.head_dim))?;
                 Ok(LayerState {
                     self_k: Vec::new(),
                     self_v: Vec::new(),

@@ -60,7 +60,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { vision_weights: WeightFormat::F32, language_weights: WeightFormat::F32, device: Device::Cpu }
+        Self {
+            vision_weights: WeightFormat::F32,
+            language_weights: WeightFormat::F32,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -90,19 +94,37 @@ impl Florence {
     /// `preprocessor_config.json`), in either checkpoint layout.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "is not a directory; pass the folder of a downloaded Florence-2 model"));
+            return Err(Error::checkpoint(
+                dir,
+                "is not a directory; pass the folder of a downloaded Florence-2 model",
+            ));
         }
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(Error::checkpoint(dir, "has no config.json; is this a Florence-2 model folder?"));
+            return Err(Error::checkpoint(
+                dir,
+                "has no config.json; is this a Florence-2 model folder?",
+            ));
         }
         let config = Florence2Config::from_file(&config_path)?;
         let processor = ImageProcessor::new(Self::preprocessor_config(dir)?);
         let tokenizer = FlorenceTokenizer::from_dir(dir)?;
         let files = checkpoint::WeightFiles::discover(dir)?;
         let generation = Self::default_generation(&config, dir)?;
-        let model = Florence2::load(config, &files, options.vision_weights, options.language_weights, &options.device)?;
-        Ok(Self { model, tokenizer, processor, generation, dir: dir.to_path_buf() })
+        let model = Florence2::load(
+            config,
+            &files,
+            options.vision_weights,
+            options.language_weights,
+            &options.device,
+        )?;
+        Ok(Self {
+            model,
+            tokenizer,
+            processor,
+            generation,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn preprocessor_config(dir: &Path) -> Result<PreprocessorConfig> {
@@ -173,7 +195,11 @@ impl Florence {
             }
             data.extend_from_slice(&img.pixel_values);
         }
-        Ok(Tensor::from_vec(data, (images.len(), 3, c.height, c.width), self.model.device())?)
+        Ok(Tensor::from_vec(
+            data,
+            (images.len(), 3, c.height, c.width),
+            self.model.device(),
+        )?)
     }
 
     /// Runs `task` on a batch of images with the settings `gen`.

@@ -815,11 +815,19 @@ pub(crate) fn attend_rows<'a>(
         .map(|task| {
             let (g, h) = (task / heads, task % heads);
             let starts = starts(g);
-            let qs: Vec<f32> = (0..group).flat_map(|j| &q[(g * group + j) * d + h * hd..][..hd]).copied().collect();
+            let qs: Vec<f32> = (0..group)
+                .flat_map(|j| &q[(g * group + j) * d + h * hd..][..hd])
+                .copied()
+                .collect();
             let mut scores = vec![0f32; group * starts.len()];
             match keys {
                 Keys::Rows(k) => scores_from_rows(&qs, hd, k, starts, h * hd, &mut scores),
-                Keys::Transposed(kt) => scores_from_transposed(&qs, hd, &kt[task * hd * starts.len()..][..hd * starts.len()], &mut scores),
+                Keys::Transposed(kt) => scores_from_transposed(
+                    &qs,
+                    hd,
+                    &kt[task * hd * starts.len()..][..hd * starts.len()],
+                    &mut scores,
+                ),
             }
             let mut o = vec![0f32; group * hd];
             softmax_times_values(&mut scores, v, starts, h * hd, &mut o);

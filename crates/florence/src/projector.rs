@@ -89,4 +89,3 @@ impl ImageProjector {
         self.image_proj_norm.forward(&projected)
     }
 }
-

@@ -46,21 +46,81 @@ impl TaskSpec {
 
 /// The 15 task tokens of the published checkpoints.
 pub const TASKS: &[TaskSpec] = &[
-    TaskSpec { token: "<OCR>", template: "What is the text in the image?", post_process: PostProcess::PureText },
-    TaskSpec { token: "<OCR_WITH_REGION>", template: "What is the text in the image, with regions?", post_process: PostProcess::Ocr },
-    TaskSpec { token: "<CAPTION>", template: "What does the image describe?", post_process: PostProcess::PureText },
-    TaskSpec { token: "<DETAILED_CAPTION>", template: "Describe in detail what is shown in the image.", post_process: PostProcess::PureText },
-    TaskSpec { token: "<MORE_DETAILED_CAPTION>", template: "Describe with a paragraph what is shown in the image.", post_process: PostProcess::PureText },
-    TaskSpec { token: "<OD>", template: "Locate the objects with category name in the image.", post_process: PostProcess::DescriptionWithBboxes },
-    TaskSpec { token: "<DENSE_REGION_CAPTION>", template: "Locate the objects in the image, with their descriptions.", post_process: PostProcess::DescriptionWithBboxes },
-    TaskSpec { token: "<REGION_PROPOSAL>", template: "Locate the region proposals in the image.", post_process: PostProcess::Bboxes },
-    TaskSpec { token: "<CAPTION_TO_PHRASE_GROUNDING>", template: "Locate the phrases in the caption: {input}", post_process: PostProcess::PhraseGrounding },
-    TaskSpec { token: "<REFERRING_EXPRESSION_SEGMENTATION>", template: "Locate {input} in the image with mask", post_process: PostProcess::Polygons },
-    TaskSpec { token: "<REGION_TO_SEGMENTATION>", template: "What is the polygon mask of region {input}", post_process: PostProcess::Polygons },
-    TaskSpec { token: "<OPEN_VOCABULARY_DETECTION>", template: "Locate {input} in the image.", post_process: PostProcess::DescriptionWithBboxesOrPolygons },
-    TaskSpec { token: "<REGION_TO_CATEGORY>", template: "What is the region {input}?", post_process: PostProcess::PureText },
-    TaskSpec { token: "<REGION_TO_DESCRIPTION>", template: "What does the region {input} describe?", post_process: PostProcess::PureText },
-    TaskSpec { token: "<REGION_TO_OCR>", template: "What text is in the region {input}?", post_process: PostProcess::PureText },
+    TaskSpec {
+        token: "<OCR>",
+        template: "What is the text in the image?",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<OCR_WITH_REGION>",
+        template: "What is the text in the image, with regions?",
+        post_process: PostProcess::Ocr,
+    },
+    TaskSpec {
+        token: "<CAPTION>",
+        template: "What does the image describe?",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<DETAILED_CAPTION>",
+        template: "Describe in detail what is shown in the image.",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<MORE_DETAILED_CAPTION>",
+        template: "Describe with a paragraph what is shown in the image.",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<OD>",
+        template: "Locate the objects with category name in the image.",
+        post_process: PostProcess::DescriptionWithBboxes,
+    },
+    TaskSpec {
+        token: "<DENSE_REGION_CAPTION>",
+        template: "Locate the objects in the image, with their descriptions.",
+        post_process: PostProcess::DescriptionWithBboxes,
+    },
+    TaskSpec {
+        token: "<REGION_PROPOSAL>",
+        template: "Locate the region proposals in the image.",
+        post_process: PostProcess::Bboxes,
+    },
+    TaskSpec {
+        token: "<CAPTION_TO_PHRASE_GROUNDING>",
+        template: "Locate the phrases in the caption: {input}",
+        post_process: PostProcess::PhraseGrounding,
+    },
+    TaskSpec {
+        token: "<REFERRING_EXPRESSION_SEGMENTATION>",
+        template: "Locate {input} in the image with mask",
+        post_process: PostProcess::Polygons,
+    },
+    TaskSpec {
+        token: "<REGION_TO_SEGMENTATION>",
+        template: "What is the polygon mask of region {input}",
+        post_process: PostProcess::Polygons,
+    },
+    TaskSpec {
+        token: "<OPEN_VOCABULARY_DETECTION>",
+        template: "Locate {input} in the image.",
+        post_process: PostProcess::DescriptionWithBboxesOrPolygons,
+    },
+    TaskSpec {
+        token: "<REGION_TO_CATEGORY>",
+        template: "What is the region {input}?",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<REGION_TO_DESCRIPTION>",
+        template: "What does the region {input} describe?",
+        post_process: PostProcess::PureText,
+    },
+    TaskSpec {
+        token: "<REGION_TO_OCR>",
+        template: "What text is in the region {input}?",
+        post_process: PostProcess::PureText,
+    },
 ];
 
 /// A request: a known task token (with its input, if it takes one) or free prompt text.
@@ -82,7 +142,11 @@ impl Task {
     pub fn new(task: &str, text_input: Option<&str>) -> Result<Self> {
         let Some(spec) = TASKS.iter().find(|t| t.token == task) else {
             let prompt = format!("{task}{}", text_input.unwrap_or(""));
-            return Ok(Self { name: task.to_string(), prompt, post_process: PostProcess::PureText });
+            return Ok(Self {
+                name: task.to_string(),
+                prompt,
+                post_process: PostProcess::PureText,
+            });
         };
         let prompt = match (spec.needs_input(), text_input) {
             (true, Some(input)) => spec.template.replace("{input}", input),
@@ -93,11 +157,17 @@ impl Task {
                 )))
             }
             (false, Some(input)) if !input.is_empty() => {
-                return Err(Error::usage(format!("task {task} takes no text input, but got {input:?}")))
+                return Err(Error::usage(format!(
+                    "task {task} takes no text input, but got {input:?}"
+                )))
             }
             (false, _) => spec.template.to_string(),
         };
-        Ok(Self { name: task.to_string(), prompt, post_process: spec.post_process })
+        Ok(Self {
+            name: task.to_string(),
+            prompt,
+            post_process: spec.post_process,
+        })
     }
 
     /// Parses the decoded generation (special tokens kept) for an image of `width` x `height`.
@@ -166,14 +236,78 @@ fn clean(raw: &str) -> String {
 
 /// Pronouns and other phrases the original phrase-grounding parser drops.
 const GROUNDING_BLACKLIST: &[&str] = &[
-    "it", "I", "me", "mine", "you", "your", "yours", "he", "him", "his", "she", "her", "hers", "they",
-    "them", "their", "theirs", "one", "oneself", "we", "us", "our", "ours", "its", "myself",
-    "yourself", "himself", "herself", "itself", "ourselves", "yourselves", "themselves", "this",
-    "that", "these", "those", "who", "whom", "whose", "which", "what", "all", "another", "any",
-    "anybody", "anyone", "anything", "each", "everybody", "everyone", "everything", "few", "many",
-    "nobody", "none", "several", "some", "somebody", "someone", "something", "each other",
-    "one another", "the image", "image", "images", "the", "a", "an", "a group", "other objects",
-    "lots", "a set",
+    "it",
+    "I",
+    "me",
+    "mine",
+    "you",
+    "your",
+    "yours",
+    "he",
+    "him",
+    "his",
+    "she",
+    "her",
+    "hers",
+    "they",
+    "them",
+    "their",
+    "theirs",
+    "one",
+    "oneself",
+    "we",
+    "us",
+    "our",
+    "ours",
+    "its",
+    "myself",
+    "yourself",
+    "himself",
+    "herself",
+    "itself",
+    "ourselves",
+    "yourselves",
+    "themselves",
+    "this",
+    "that",
+    "these",
+    "those",
+    "who",
+    "whom",
+    "whose",
+    "which",
+    "what",
+    "all",
+    "another",
+    "any",
+    "anybody",
+    "anyone",
+    "anything",
+    "each",
+    "everybody",
+    "everyone",
+    "everything",
+    "few",
+    "many",
+    "nobody",
+    "none",
+    "several",
+    "some",
+    "somebody",
+    "someone",
+    "something",
+    "each other",
+    "one another",
+    "the image",
+    "image",
+    "images",
+    "the",
+    "a",
+    "an",
+    "a group",
+    "other objects",
+    "lots",
+    "a set",
 ];
 
 /// `(label, boxes)` per phrase of a `label<loc>x4...` text.
@@ -210,15 +344,22 @@ fn polygons_of(text: &str, allow_empty: bool, size: (u32, u32)) -> Vec<(String, 
     let mut out = Vec::new();
     for m in re.find_iter(text) {
         let phrase_text = m.as_str();
-        let Some(label) = phrase_before_markers(phrase_text, true) else { continue };
+        let Some(label) = phrase_before_markers(phrase_text, true) else {
+            continue;
+        };
         let instances: Vec<&str> = if phrase_text.contains("<poly>") && phrase_text.contains("</poly>") {
-            instance_re.captures_iter(phrase_text).map(|c| c.get(1).unwrap().as_str()).collect()
+            instance_re
+                .captures_iter(phrase_text)
+                .map(|c| c.get(1).unwrap().as_str())
+                .collect()
         } else {
             vec![phrase_text]
         };
         for inst in instances {
-            let polys: Vec<Vec<f32>> =
-                poly_re.captures_iter(inst).map(|c| points(&loc_values(&c[1]), size)).collect();
+            let polys: Vec<Vec<f32>> = poly_re
+                .captures_iter(inst)
+                .map(|c| points(&loc_values(&c[1]), size))
+                .collect();
             if !polys.is_empty() {
                 out.push((label.clone(), polys));
             }
@@ -248,7 +389,12 @@ fn flat_boxes(phrases: impl IntoIterator<Item = (String, Vec<Vec<f32>>)>) -> (Ve
 fn polygon_groups(phrases: Vec<(String, Vec<Vec<f32>>)>) -> (Vec<Value>, Vec<Value>) {
     phrases
         .into_iter()
-        .map(|(label, polys)| (Value::Array(polys.iter().map(|p| floats(p)).collect()), Value::String(label)))
+        .map(|(label, polys)| {
+            (
+                Value::Array(polys.iter().map(|p| floats(p)).collect()),
+                Value::String(label),
+            )
+        })
         .unzip()
 }
 

@@ -11,13 +11,33 @@ use crate::error::{Error, Result};
 
 /// The tokens the original processor adds, in its order (ids 50265..51288).
 pub fn florence_tokens() -> Vec<String> {
-    let mut t: Vec<String> = ["<od>", "</od>", "<ocr>", "</ocr>"].iter().map(|s| s.to_string()).collect();
+    let mut t: Vec<String> = ["<od>", "</od>", "<ocr>", "</ocr>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     t.extend((0..1000).map(|i| format!("<loc_{i}>")));
     t.extend(
         [
-            "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>",
-            "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>",
-            "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
+            "<cap>",
+            "</cap>",
+            "<ncap>",
+            "</ncap>",
+            "<dcap>",
+            "</dcap>",
+            "<grounding>",
+            "</grounding>",
+            "<seg>",
+            "</seg>",
+            "<sep>",
+            "<region_cap>",
+            "</region_cap>",
+            "<region_to_desciption>",
+            "</region_to_desciption>",
+            "<proposal>",
+            "</proposal>",
+            "<poly>",
+            "</poly>",
+            "<and>",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -33,7 +53,9 @@ pub struct FlorenceTokenizer {
 
 impl std::fmt::Debug for FlorenceTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlorenceTokenizer").field("vocab", &self.inner.get_vocab_size(true)).finish()
+        f.debug_struct("FlorenceTokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .finish()
     }
 }
 
@@ -59,7 +81,10 @@ impl FlorenceTokenizer {
             Self::from_bpe_files(&vocab, &merges)?
         };
         if inner.token_to_id("<loc_0>").is_none() {
-            let tokens: Vec<AddedToken> = florence_tokens().into_iter().map(|t| AddedToken::from(t, true)).collect();
+            let tokens: Vec<AddedToken> = florence_tokens()
+                .into_iter()
+                .map(|t| AddedToken::from(t, true))
+                .collect();
             inner.add_special_tokens(&tokens);
         }
         let expect = inner.token_to_id("<od>");
@@ -81,7 +106,9 @@ impl FlorenceTokenizer {
         tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
         tok.with_decoder(Some(ByteLevel::default()));
         tok.with_post_processor(Some(
-            RobertaProcessing::new(("</s>".into(), 2), ("<s>".into(), 0)).trim_offsets(true).add_prefix_space(false),
+            RobertaProcessing::new(("</s>".into(), 2), ("<s>".into(), 0))
+                .trim_offsets(true)
+                .add_prefix_space(false),
         ));
         let specials: Vec<AddedToken> = ["<s>", "<pad>", "</s>", "<unk>"]
             .iter()
@@ -94,12 +121,17 @@ impl FlorenceTokenizer {
 
     /// `<s> prompt </s>` token ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids keeping special tokens, as `batch_decode(ids, skip_special_tokens=False)`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }

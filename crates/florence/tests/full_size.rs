@@ -30,10 +30,20 @@ fn full_size_models_generate_the_reference_tokens() {
             let img = florence::preprocess::load_image(case["image"].as_str().unwrap().as_ref()).unwrap();
             let task = Task::new(case["task"].as_str().unwrap(), None).unwrap();
             let out = &model.run(&[img], &task, &gen).unwrap()[0];
-            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(out.ids, want, "{}: {} beams", dir.display(), gen.num_beams);
             assert_eq!(out.raw, case["raw"].as_str().unwrap());
-            eprintln!("{}: {} beams, {} tokens identical", dir.display(), gen.num_beams, want.len());
+            eprintln!(
+                "{}: {} beams, {} tokens identical",
+                dir.display(),
+                gen.num_beams,
+                want.len()
+            );
             checked += 1;
         }
     }

@@ -12,7 +12,16 @@ use sha2::{Digest, Sha256};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn generation_config(base: &GenerationConfig, g: &Value) -> GenerationConfig {
@@ -49,7 +58,11 @@ fn pixel_values_equal_the_reference_at_768() {
         let img = florence::preprocess::load_image(&common::image(name)).unwrap();
         let bytes: Vec<u8> = proc.pixel_values(&img).iter().flat_map(|v| v.to_le_bytes()).collect();
         let got = format!("{:x}", Sha256::digest(&bytes));
-        assert_eq!(&got, hash.as_str().unwrap(), "{name}: 768x768 pixel values differ from transformers' PIL path");
+        assert_eq!(
+            &got,
+            hash.as_str().unwrap(),
+            "{name}: 768x768 pixel values differ from transformers' PIL path"
+        );
     }
 }
 
@@ -59,16 +72,27 @@ fn tensors_match_the_reference() {
         let dir = common::model_dir(&name);
         let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
         let expected = candle_core::safetensors::load(
-            common::fixtures().join("models").join(format!("{name}.expected.safetensors")),
+            common::fixtures()
+                .join("models")
+                .join(format!("{name}.expected.safetensors")),
             &Device::Cpu,
         )
         .unwrap();
-        let prompt = model.tokenizer.encode(&Task::new("<CAPTION>", None).unwrap().prompt).unwrap();
+        let prompt = model
+            .tokenizer
+            .encode(&Task::new("<CAPTION>", None).unwrap().prompt)
+            .unwrap();
         let images: Vec<String> = common::cases(&name)["cases"][0]["images"]
             .as_array()
             .unwrap()
             .iter()
-            .chain(common::cases(&name)["cases"].as_array().unwrap().iter().flat_map(|c| c["images"].as_array().unwrap()))
+            .chain(
+                common::cases(&name)["cases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|c| c["images"].as_array().unwrap()),
+            )
             .map(|v| v.as_str().unwrap().to_string())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
@@ -76,8 +100,17 @@ fn tensors_match_the_reference() {
         for img_name in images {
             let img = florence::preprocess::load_image(&common::image(&img_name)).unwrap();
             let pv = model.pixel_values(&[img]).unwrap();
-            let get = |k: &str| expected.get(&format!("{img_name}/{k}")).unwrap_or_else(|| panic!("{name}: no {k}")).clone();
-            assert_eq!(max_abs_diff(&pv.squeeze(0).unwrap(), &get("pixel_values")), 0.0, "{name}/{img_name}: pixel values");
+            let get = |k: &str| {
+                expected
+                    .get(&format!("{img_name}/{k}"))
+                    .unwrap_or_else(|| panic!("{name}: no {k}"))
+                    .clone()
+            };
+            assert_eq!(
+                max_abs_diff(&pv.squeeze(0).unwrap(), &get("pixel_values")),
+                0.0,
+                "{name}/{img_name}: pixel values"
+            );
             let feats = model.model.encode_image(&pv).unwrap();
             let d = max_abs_diff(&feats.squeeze(0).unwrap(), &get("image_features"));
             assert!(d < 1e-4, "{name}/{img_name}: image features differ by {d}");
@@ -104,8 +137,12 @@ fn generated_tokens_equal_the_reference() {
             let gen = generation_config(model.generation_config(), &case["generation"]);
             let outputs = model.run(&images, &task, &gen).unwrap();
             for (i, out) in outputs.iter().enumerate() {
-                let want: Vec<u32> =
-                    case["ids"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                let want: Vec<u32> = case["ids"][i]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect();
                 checked += 1;
                 if out.ids != want {
                     failures.push(format!(
@@ -113,11 +150,19 @@ fn generated_tokens_equal_the_reference() {
                         case["task"], case["generation"], out.ids
                     ));
                 } else if out.raw != case["raw"][i].as_str().unwrap() {
-                    failures.push(format!("{name} {}: raw {:?} != {:?}", case["task"], out.raw, case["raw"][i]));
+                    failures.push(format!(
+                        "{name} {}: raw {:?} != {:?}",
+                        case["task"], out.raw, case["raw"][i]
+                    ));
                 }
             }
         }
     }
     assert!(checked >= 30, "only {checked} generations checked");
-    assert!(failures.is_empty(), "{} of {checked} generations differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} generations differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -27,13 +27,26 @@ struct Report {
 }
 
 fn load(dir: &std::path::Path, vision: WeightFormat, language: WeightFormat) -> Florence {
-    Florence::load(dir, &LoadOptions { vision_weights: vision, language_weights: language, ..LoadOptions::default() })
-        .unwrap()
+    Florence::load(
+        dir,
+        &LoadOptions {
+            vision_weights: vision,
+            language_weights: language,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 fn first_logits(model: &Florence, img: &florence::RgbImage) -> Vec<f32> {
-    let prompt = model.tokenizer.encode(&Task::new("<CAPTION>", None).unwrap().prompt).unwrap();
-    let feats = model.model.encode_image(&model.pixel_values(std::slice::from_ref(img)).unwrap()).unwrap();
+    let prompt = model
+        .tokenizer
+        .encode(&Task::new("<CAPTION>", None).unwrap().prompt)
+        .unwrap();
+    let feats = model
+        .model
+        .encode_image(&model.pixel_values(std::slice::from_ref(img)).unwrap())
+        .unwrap();
     let memory = model.model.encode(&feats, &prompt).unwrap();
     let mut dec = model.model.decoder(&memory, 1).unwrap();
     dec.step_logits(&[2]).unwrap().flatten_all().unwrap().to_vec1().unwrap()
@@ -43,7 +56,14 @@ fn first_logits(model: &Florence, img: &florence::RgbImage) -> Vec<f32> {
 fn reduced_precision_stays_close_to_f32() {
     let mut reports: Vec<Report> = FORMATS
         .iter()
-        .map(|_| Report { max_dev_rel: 0.0, max_dev_abs: 0.0, agree: 0, tokens: 0, sequences_equal: 0, sequences: 0 })
+        .map(|_| Report {
+            max_dev_rel: 0.0,
+            max_dev_abs: 0.0,
+            agree: 0,
+            tokens: 0,
+            sequences_equal: 0,
+            sequences: 0,
+        })
         .collect();
     for name in common::model_names() {
         let dir = common::model_dir(&name);
@@ -76,7 +96,9 @@ fn reduced_precision_stays_close_to_f32() {
             }
         }
     }
-    println!("| weights | max abs logit deviation | relative to max abs logit | tokens equal to f32 | sequences equal |");
+    println!(
+        "| weights | max abs logit deviation | relative to max abs logit | tokens equal to f32 | sequences equal |"
+    );
     println!("|---|---|---|---|---|");
     for ((flags, ..), r) in FORMATS.iter().zip(&reports) {
         println!(
@@ -92,7 +114,16 @@ fn reduced_precision_stays_close_to_f32() {
     }
     for ((flags, ..), r) in FORMATS.iter().zip(&reports) {
         assert!(r.sequences >= 30, "{flags}: only {} generations compared", r.sequences);
-        assert!(r.max_dev_rel < 0.05, "{flags}: logits moved by {} of their range", r.max_dev_rel);
-        assert!(r.agree * 10 >= r.tokens * 8, "{flags}: only {}/{} tokens agree with f32", r.agree, r.tokens);
+        assert!(
+            r.max_dev_rel < 0.05,
+            "{flags}: logits moved by {} of their range",
+            r.max_dev_rel
+        );
+        assert!(
+            r.agree * 10 >= r.tokens * 8,
+            "{flags}: only {}/{} tokens agree with f32",
+            r.agree,
+            r.tokens
+        );
     }
 }

@@ -29,9 +29,15 @@ fn tokenizers() -> Vec<(&'static str, FlorenceTokenizer)> {
         std::fs::copy(shared.join("tokenizer-florence").join(f), vm.path().join(f)).unwrap();
     }
     vec![
-        ("tokenizer-florence", FlorenceTokenizer::from_dir(&shared.join("tokenizer-florence")).unwrap()),
+        (
+            "tokenizer-florence",
+            FlorenceTokenizer::from_dir(&shared.join("tokenizer-florence")).unwrap(),
+        ),
         // Microsoft's file without the Florence tokens: they are added at load time.
-        ("microsoft", FlorenceTokenizer::from_dir(&shared.join("microsoft-florence-2-large")).unwrap()),
+        (
+            "microsoft",
+            FlorenceTokenizer::from_dir(&shared.join("microsoft-florence-2-large")).unwrap(),
+        ),
         ("vocab+merges", FlorenceTokenizer::from_dir(vm.path()).unwrap()),
     ]
 }
@@ -45,22 +51,55 @@ fn prompts_and_ids_match_the_original_processor() {
         for p in prompts {
             let (task, input) = split_prompt(p["prompt"].as_str().unwrap());
             let task = Task::new(&task, input.as_deref()).unwrap();
-            assert_eq!(task.prompt, p["constructed"].as_str().unwrap(), "prompt text of {}", p["prompt"]);
-            let want: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            assert_eq!(tok.encode(&task.prompt).unwrap(), want, "{kind}: ids of {:?}", task.prompt);
+            assert_eq!(
+                task.prompt,
+                p["constructed"].as_str().unwrap(),
+                "prompt text of {}",
+                p["prompt"]
+            );
+            let want: Vec<u32> = p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                tok.encode(&task.prompt).unwrap(),
+                want,
+                "{kind}: ids of {:?}",
+                task.prompt
+            );
         }
         for d in vectors["decode"].as_array().unwrap() {
-            let ids: Vec<u32> = d["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            assert_eq!(tok.decode(&ids, false).unwrap(), d["decode_keep_special"].as_str().unwrap(), "{kind}");
-            assert_eq!(tok.decode(&ids, true).unwrap(), d["decode_skip_special"].as_str().unwrap(), "{kind}");
+            let ids: Vec<u32> = d["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                tok.decode(&ids, false).unwrap(),
+                d["decode_keep_special"].as_str().unwrap(),
+                "{kind}"
+            );
+            assert_eq!(
+                tok.decode(&ids, true).unwrap(),
+                d["decode_skip_special"].as_str().unwrap(),
+                "{kind}"
+            );
         }
     }
 }
 
 #[test]
 fn task_inputs_are_checked() {
-    let err = Task::new("<CAPTION_TO_PHRASE_GROUNDING>", None).unwrap_err().to_string();
-    assert!(err.contains("needs a text input") && err.contains("--text-input"), "{err}");
+    let err = Task::new("<CAPTION_TO_PHRASE_GROUNDING>", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("needs a text input") && err.contains("--text-input"),
+        "{err}"
+    );
     let err = Task::new("<CAPTION>", Some("a dog")).unwrap_err().to_string();
     assert!(err.contains("takes no text input"), "{err}");
     let free = Task::new("Describe this image in one sentence.", None).unwrap();
@@ -86,9 +125,22 @@ fn post_processing_matches_the_original_processor() {
     assert_eq!(cases.len(), 11);
     for c in cases {
         let task_name = c["task"].as_str().unwrap();
-        let task = Task::new(task_name, florence::tasks::TASKS.iter().find(|t| t.token == task_name).unwrap().needs_input().then_some("x")).unwrap();
+        let task = Task::new(
+            task_name,
+            florence::tasks::TASKS
+                .iter()
+                .find(|t| t.token == task_name)
+                .unwrap()
+                .needs_input()
+                .then_some("x"),
+        )
+        .unwrap();
         let size = c["image_size"].as_array().unwrap();
-        let got = task.post_process(c["text"].as_str().unwrap(), size[0].as_u64().unwrap() as u32, size[1].as_u64().unwrap() as u32);
+        let got = task.post_process(
+            c["text"].as_str().unwrap(),
+            size[0].as_u64().unwrap() as u32,
+            size[1].as_u64().unwrap() as u32,
+        );
         let mut want = c["result"][task_name].clone();
         if task_name == "<OCR_WITH_REGION>" {
             // Documented deviation: the original keeps "</s>" in front of the first OCR label;

@@ -49,7 +49,10 @@ pub fn beam_search(cfg: &GenerationConfig, images: usize, decoder: &mut dyn Step
 
     let mut cur_len = 1;
     loop {
-        let feed: Vec<u32> = beams.iter().flat_map(|b| b.running.iter().map(|s| *s.last().unwrap())).collect();
+        let feed: Vec<u32> = beams
+            .iter()
+            .flat_map(|b| b.running.iter().map(|s| *s.last().unwrap()))
+            .collect();
         let logits = decoder.step(&feed)?;
         let mut order: Vec<u32> = Vec::with_capacity(images * k);
         let mut all_hit = true;
@@ -95,8 +98,11 @@ pub fn beam_search(cfg: &GenerationConfig, images: usize, decoder: &mut dyn Step
             all_hit &= hits.iter().all(|&h| h);
 
             // Running beams for the next step: the best candidates that did not stop.
-            let masked: Vec<f32> =
-                cand_scores.iter().zip(&hits).map(|(&s, &h)| s + if h { MASK } else { 0.0 }).collect();
+            let masked: Vec<f32> = cand_scores
+                .iter()
+                .zip(&hits)
+                .map(|(&s, &h)| s + if h { MASK } else { 0.0 })
+                .collect();
             let next = top_k_indices(&masked, k);
             let prev_rows: Vec<u32> = next.iter().map(|&j| (img * k + cand_beam[j]) as u32).collect();
 
@@ -142,7 +148,10 @@ pub fn beam_search(cfg: &GenerationConfig, images: usize, decoder: &mut dyn Step
             };
             let best_possible = b.running_scores[0] / (best_len as f64).powf(cfg.length_penalty) as f32;
             let worst = b.finished_scores.iter().copied().fold(f32::INFINITY, f32::min);
-            let beatable = b.is_finished.iter().any(|&f| best_possible > if f { worst } else { MASK });
+            let beatable = b
+                .is_finished
+                .iter()
+                .any(|&f| best_possible > if f { worst } else { MASK });
             b.improvement_possible &= beatable;
             let all_finished = b.is_finished.iter().all(|&f| f);
             b.done = !b.improvement_possible

@@ -43,7 +43,13 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 50, top_p: 1.0, min_p: 0.0, seed: 0 }
+        Self {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -98,7 +104,11 @@ impl GenerationConfig {
             self.no_repeat_ngram_size = v;
         }
         if let Some(v) = o.early_stopping {
-            self.early_stopping = if v { EarlyStopping::Finished } else { EarlyStopping::Heuristic };
+            self.early_stopping = if v {
+                EarlyStopping::Finished
+            } else {
+                EarlyStopping::Heuristic
+            };
         }
         if let Some(v) = o.length_penalty {
             self.length_penalty = v;
@@ -115,8 +125,7 @@ impl GenerationConfig {
         if let Some(v) = o.min_new_tokens {
             self.min_new_tokens = v;
         }
-        let sampling_fields =
-            o.temperature.is_some() || o.top_k.is_some() || o.top_p.is_some() || o.min_p.is_some();
+        let sampling_fields = o.temperature.is_some() || o.top_k.is_some() || o.top_p.is_some() || o.min_p.is_some();
         if o.do_sample == Some(true) || (self.sampling.is_some() && sampling_fields) {
             let mut s = self.sampling.clone().unwrap_or_default();
             if let Some(v) = o.temperature {
@@ -159,7 +168,10 @@ impl GenerationConfig {
         }
         if let Some(s) = &self.sampling {
             if !(s.temperature > 0.0 && s.temperature.is_finite()) {
-                return Err(Error::usage(format!("temperature must be positive, got {}", s.temperature)));
+                return Err(Error::usage(format!(
+                    "temperature must be positive, got {}",
+                    s.temperature
+                )));
             }
             if !(s.top_p > 0.0 && s.top_p <= 1.0) {
                 return Err(Error::usage(format!("top_p must be in (0, 1], got {}", s.top_p)));

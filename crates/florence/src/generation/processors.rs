@@ -122,7 +122,10 @@ mod tests {
     use super::*;
 
     fn cfg() -> GenerationConfig {
-        GenerationConfig { max_new_tokens: 10, ..Default::default() }
+        GenerationConfig {
+            max_new_tokens: 10,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -153,7 +156,10 @@ mod tests {
 
     #[test]
     fn min_new_tokens_bans_eos() {
-        let c = GenerationConfig { min_new_tokens: 3, ..cfg() };
+        let c = GenerationConfig {
+            min_new_tokens: 3,
+            ..cfg()
+        };
         let p = LogitsProcessor::new(&c);
         let mut s = vec![0.5f32; 10];
         p.process(&[2, 0, 4], &mut s); // two new tokens so far
@@ -166,14 +172,34 @@ mod tests {
     #[test]
     fn top_k_and_top_p_filter() {
         let mut s = vec![1.0f32, 4.0, 3.0, 2.0];
-        warp(&SamplingConfig { top_k: 2, ..Default::default() }, &mut s);
+        warp(
+            &SamplingConfig {
+                top_k: 2,
+                ..Default::default()
+            },
+            &mut s,
+        );
         assert_eq!(s, vec![f32::NEG_INFINITY, 4.0, 3.0, f32::NEG_INFINITY]);
         // probs of [ln .1, ln .2, ln .3, ln .4]: top_p 0.65 keeps .4 and .3.
         let mut s: Vec<f32> = [0.1f32, 0.2, 0.3, 0.4].iter().map(|p| p.ln()).collect();
-        warp(&SamplingConfig { top_k: 0, top_p: 0.65, ..Default::default() }, &mut s);
+        warp(
+            &SamplingConfig {
+                top_k: 0,
+                top_p: 0.65,
+                ..Default::default()
+            },
+            &mut s,
+        );
         assert!(s[0].is_infinite() && s[1].is_infinite() && s[2].is_finite() && s[3].is_finite());
         let mut s: Vec<f32> = [0.1f32, 0.2, 0.3, 0.4].iter().map(|p| p.ln()).collect();
-        warp(&SamplingConfig { top_k: 0, min_p: 0.6, ..Default::default() }, &mut s);
+        warp(
+            &SamplingConfig {
+                top_k: 0,
+                min_p: 0.6,
+                ..Default::default()
+            },
+            &mut s,
+        );
         assert!(s[0].is_infinite() && s[1].is_infinite() && s[2].is_finite() && s[3].is_finite());
     }
 }

@@ -14,8 +14,9 @@ pub fn greedy_or_sample(cfg: &GenerationConfig, images: usize, decoder: &mut dyn
     let processor = LogitsProcessor::new(cfg);
     let mut seqs: Vec<Sequence> = vec![vec![cfg.decoder_start_token_id]; images];
     let mut finished = vec![false; images];
-    let mut rngs: Vec<Option<StdRng>> =
-        (0..images).map(|_| cfg.sampling.as_ref().map(|s| StdRng::seed_from_u64(s.seed))).collect();
+    let mut rngs: Vec<Option<StdRng>> = (0..images)
+        .map(|_| cfg.sampling.as_ref().map(|s| StdRng::seed_from_u64(s.seed)))
+        .collect();
     let max_length = cfg.max_length();
     for _ in 1..max_length {
         let feed: Vec<u32> = seqs
@@ -58,7 +59,10 @@ fn argmax(row: &[f32]) -> usize {
 /// Draws `n` distinct indices with probability proportional to `probs`. When fewer than `n`
 /// indices have non-zero probability, the rest are the lowest remaining indices.
 pub(crate) fn sample_without_replacement(probs: &[f32], n: usize, rng: &mut StdRng) -> Vec<usize> {
-    let mut weights: Vec<f64> = probs.iter().map(|&p| if p.is_finite() && p > 0.0 { p as f64 } else { 0.0 }).collect();
+    let mut weights: Vec<f64> = probs
+        .iter()
+        .map(|&p| if p.is_finite() && p > 0.0 { p as f64 } else { 0.0 })
+        .collect();
     let mut total: f64 = weights.iter().sum();
     let mut out = Vec::with_capacity(n);
     while out.len() < n && total > 0.0 {

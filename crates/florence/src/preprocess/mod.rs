@@ -33,7 +33,10 @@ pub struct DecodeOptions {
 impl Default for DecodeOptions {
     fn default() -> Self {
         // Twice PIL's warning threshold, which is where PIL itself refuses to open an image.
-        Self { exif_orientation: true, max_pixels: 2 * 89_478_485 }
+        Self {
+            exif_orientation: true,
+            max_pixels: 2 * 89_478_485,
+        }
     }
 }
 
@@ -46,7 +49,10 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
 /// [`load_image`] with explicit options.
 pub fn load_image_with(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_image(&bytes, opts).map_err(|message| Error::Image { path: path.to_path_buf(), message })
+    decode_image(&bytes, opts).map_err(|message| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 /// Decodes image bytes into RGB.
@@ -71,7 +77,9 @@ pub fn decode_image(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<R
         ));
     }
     let orientation = if opts.exif_orientation {
-        decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms)
+        decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms)
     } else {
         image::metadata::Orientation::NoTransforms
     };
@@ -87,18 +95,18 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
     let data: Vec<u8> = match img {
         DynamicImage::ImageRgb8(i) => i.into_raw(),
         DynamicImage::ImageLuma16(i) => i.into_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
-        DynamicImage::ImageLumaA16(i) => {
-            i.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect()
-        }
+        DynamicImage::ImageLumaA16(i) => i
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [(p[0] >> 8) as u8; 3])
+            .collect(),
         DynamicImage::ImageRgb16(i) => i.into_raw().iter().map(|&v| (v >> 8) as u8).collect(),
         DynamicImage::ImageRgba16(i) => i
             .into_raw()
             .chunks_exact(4)
             .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
             .collect(),
-        DynamicImage::ImageRgba8(i) => {
-            i.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
-        }
+        DynamicImage::ImageRgba8(i) => i.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
         other => other.to_rgb8().into_raw(),
     };
     RgbImage { width, height, data }
@@ -127,7 +135,11 @@ impl ImageProcessor {
 
     /// Resizes and normalizes `img`, keeping its original size (safe to call on any thread).
     pub fn prepare(&self, img: &RgbImage) -> PreparedImage {
-        PreparedImage { pixel_values: self.pixel_values(img), width: img.width, height: img.height }
+        PreparedImage {
+            pixel_values: self.pixel_values(img),
+            width: img.width,
+            height: img.height,
+        }
     }
 
     /// Resizes and normalizes one image into channel-first f32 values, bit-exact with

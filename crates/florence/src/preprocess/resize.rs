@@ -58,7 +58,11 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         for x in 0..xmax {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            row[x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            row[x] = if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
@@ -71,14 +75,12 @@ fn clip8(acc: i32) -> u8 {
 }
 
 /// Resizes an interleaved RGB8 image exactly as `PIL.Image.resize((out_w, out_h), BICUBIC)`.
-pub fn resize_bicubic_rgb8(
-    src: &[u8],
-    in_w: usize,
-    in_h: usize,
-    out_w: usize,
-    out_h: usize,
-) -> Vec<u8> {
-    assert_eq!(src.len(), in_w * in_h * 3, "RGB8 buffer size does not match its dimensions");
+pub fn resize_bicubic_rgb8(src: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    assert_eq!(
+        src.len(),
+        in_w * in_h * 3,
+        "RGB8 buffer size does not match its dimensions"
+    );
     let horiz = taps(in_w, out_w);
     let vert = taps(in_h, out_h);
     let need_h = out_w != in_w;
@@ -165,7 +167,10 @@ mod tests {
         for (i, o) in [(3, 768), (1000, 768), (768, 768 * 3), (17, 5)] {
             let t = taps(i, o);
             for (xx, &(_, n)) in t.bounds.iter().enumerate() {
-                let s: i64 = t.weights[xx * t.ksize..xx * t.ksize + n].iter().map(|&w| w as i64).sum();
+                let s: i64 = t.weights[xx * t.ksize..xx * t.ksize + n]
+                    .iter()
+                    .map(|&w| w as i64)
+                    .sum();
                 assert!((s - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}->{o} at {xx}: {s}");
             }
         }

@@ -35,7 +35,10 @@ pub fn model_names() -> Vec<String> {
         })
         .collect();
     names.sort();
-    assert!(!names.is_empty(), "no fixture models: run tools/reference/make_fixtures.py");
+    assert!(
+        !names.is_empty(),
+        "no fixture models: run tools/reference/make_fixtures.py"
+    );
     names
 }
 
@@ -58,7 +61,10 @@ pub fn model_dir(name: &str) -> tempfile::TempDir {
         // Microsoft's tokenizer.json lacks the Florence tokens: the loader must add them.
         "microsoft-florence-2-large" => &[("microsoft-florence-2-large", "tokenizer.json")],
         "tokenizer-florence" => &[("tokenizer-florence", "tokenizer.json")],
-        "vocab-merges" => &[("tokenizer-florence", "vocab.json"), ("tokenizer-florence", "merges.txt")],
+        "vocab-merges" => &[
+            ("tokenizer-florence", "vocab.json"),
+            ("tokenizer-florence", "merges.txt"),
+        ],
         other => panic!("unknown tokenizer kind {other}"),
     };
     for (dir, file) in files {
