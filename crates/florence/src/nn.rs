@@ -188,28 +188,19 @@ impl Matrix {
     /// `weight_t` (`[k, rows]`) when given. Returns `[m, rows]`.
     fn mul_many_rows(&self, x: &[f32], m: usize, k: usize, weight_t: Option<&Tensor>) -> Result<Vec<f32>> {
         let n = self.rows;
-        let mut y = vec![0f32; m * n];
         let (w, strides) = match weight_t {
             Some(wt) => (wt.clone(), (n, 1)),
             None => (self.to_f32(&candle_core::Device::Cpu)?, (1, k)),
         };
+        // Not zeroed: the GEMM writes every element without reading it.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let threads = rayon::current_num_threads();
         with_f32(&w, |w| {
-            // SAFETY: x is [m, k], y is [m, n], and w is [n, k] read transposed or [k, n].
-            unsafe {
-                gemm_f32(
-                    m,
-                    n,
-                    k,
-                    &mut y,
-                    (n, 1),
-                    x,
-                    (k, 1),
-                    w,
-                    strides,
-                    rayon::current_num_threads(),
-                )
-            }
+            // SAFETY: x is [m, k], y has room for [m, n], and w is [n, k] read transposed or [k, n].
+            unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), (n, 1), x, (k, 1), w, strides, threads) }
         })?;
+        // SAFETY: the GEMM wrote all m * n elements.
+        unsafe { y.set_len(m * n) };
         Ok(y)
     }
 }
@@ -708,32 +699,50 @@ impl CustomOp1 for DepthwiseConv3x3Residual {
         out.par_chunks_mut(row).enumerate().for_each(|(by, orow)| {
             let (bi, y) = (by / h, by % h);
             let image = &src[bi * h * row..(bi + 1) * h * row];
-            for x in 0..w {
-                let o = &mut orow[x * c..(x + 1) * c];
-                let centre = &image[y * row + x * c..y * row + (x + 1) * c];
-                for ch in 0..c {
-                    o[ch] = centre[ch] + self.bias[ch];
-                }
-                for ky in 0..3 {
-                    let yy = y as isize + ky as isize - 1;
-                    if yy < 0 || yy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..3 {
-                        let xx = x as isize + kx as isize - 1;
-                        if xx < 0 || xx >= w as isize {
-                            continue;
-                        }
-                        let inp = &image[yy as usize * row + xx as usize * c..][..c];
-                        let k = &self.weights[(ky * 3 + kx) * c..][..c];
-                        for ch in 0..c {
-                            o[ch] += inp[ch] * k[ch];
-                        }
-                    }
-                }
-            }
+            depthwise_row(image, (h, w, c), y, &self.weights, &self.bias, orow);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+with_avx2!(
+    /// Output row `y` of [`DepthwiseConv3x3Residual`] over one `[h, w, c]` image.
+    fn depthwise_row(image: &[f32], hwc: (usize, usize, usize), y: usize, weights: &[f32], bias: &[f32], orow: &mut [f32]) -> () = depthwise_row_portable
+);
+
+#[inline(always)]
+fn depthwise_row_portable(
+    image: &[f32],
+    (h, w, c): (usize, usize, usize),
+    y: usize,
+    weights: &[f32],
+    bias: &[f32],
+    orow: &mut [f32],
+) {
+    let row = w * c;
+    for x in 0..w {
+        let o = &mut orow[x * c..(x + 1) * c];
+        let centre = &image[y * row + x * c..y * row + (x + 1) * c];
+        for ch in 0..c {
+            o[ch] = centre[ch] + bias[ch];
+        }
+        for ky in 0..3 {
+            let yy = y as isize + ky as isize - 1;
+            if yy < 0 || yy >= h as isize {
+                continue;
+            }
+            for kx in 0..3 {
+                let xx = x as isize + kx as isize - 1;
+                if xx < 0 || xx >= w as isize {
+                    continue;
+                }
+                let inp = &image[yy as usize * row + xx as usize * c..][..c];
+                let k = &weights[(ky * 3 + kx) * c..][..c];
+                for ch in 0..c {
+                    o[ch] += inp[ch] * k[ch];
+                }
+            }
+        }
     }
 }
 
@@ -742,13 +751,14 @@ impl CustomOp1 for DepthwiseConv3x3Residual {
 /// callers that parallelize over many small products).
 ///
 /// # Safety
-/// Every index `r * row_stride + c * col_stride` within each matrix's shape must lie in its slice.
+/// Every index `r * row_stride + c * col_stride` within each matrix's shape must lie in its slice,
+/// and for `dst` within its allocation (it is written, never read).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
     dst_strides: (usize, usize),
     lhs: &[f32],
     lhs_strides: (usize, usize),
@@ -760,7 +770,7 @@ pub(crate) unsafe fn gemm_f32(
         m,
         n,
         k,
-        dst.as_mut_ptr(),
+        dst,
         dst_strides.1 as isize,
         dst_strides.0 as isize,
         false,

@@ -6,10 +6,11 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{softmax, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
+use crate::nn::{gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -123,7 +124,6 @@ fn window_attention_slices(
     heads: usize,
     ws: usize,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
     let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
     let (n, hd) = (ws * ws, c / heads);
     let scale = (hd as f64).powf(-0.5) as f32;
@@ -155,11 +155,11 @@ fn window_attention_slices(
         let mut o = vec![0f32; n * hd];
         // SAFETY: every slice spans its buffer with the given strides (row-major, K read as Kᵀ).
         unsafe {
-            crate::nn::gemm_f32(n, n, hd, &mut scores, (n, 1), &q, (hd, 1), &k, (1, hd), 1);
+            gemm_f32(n, n, hd, scores.as_mut_ptr(), (n, 1), &q, (hd, 1), &k, (1, hd), 1);
         }
-        crate::nn::softmax_rows(&mut scores, n);
+        softmax_rows(&mut scores, n);
         unsafe {
-            crate::nn::gemm_f32(n, hd, n, &mut o, (hd, 1), &scores, (n, 1), &v, (hd, 1), 1);
+            gemm_f32(n, hd, n, o.as_mut_ptr(), (hd, 1), &scores, (n, 1), &v, (hd, 1), 1);
         }
         for t in 0..n {
             if let Some(p) = pixel(t) {
@@ -200,22 +200,44 @@ impl ChannelAttention {
     /// `residual + attention(x)`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let n = h * w;
-        let cg = c / self.groups;
-        let qkv = self
-            .qkv
-            .forward(&x.reshape((b, n, c))?)?
-            .reshape((b, n, 3, self.groups, cg))?
-            .permute((2, 0, 3, 1, 4))?;
-        // The scale is the token count, not the head width (spec §3.4).
-        let q = (qkv.get(0)?.contiguous()? * (n as f64).powf(-0.5))?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = softmax(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?; // [B, G, Cg, Cg]
-        let y = attn.matmul(&v.transpose(2, 3)?.contiguous()?)?; // [B, G, Cg, N]
-        let y = y.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, h, w, c))?;
-        self.proj.forward_residual(&y, residual)
+        let qkv = self.qkv.forward(x)?;
+        let y = with_f32(&qkv, |qkv| channel_attention(qkv, (b, h * w, c), self.groups))?;
+        self.proj
+            .forward_residual(&Tensor::from_vec(y, (b, h, w, c), x.device())?, residual)
     }
+}
+
+/// Attention across the channels of each group of `qkv` (`[B, N, 3C]`, `[q | k | v]` per
+/// token), over all `N` tokens. Returns `[B, N, C]`.
+///
+/// The GEMMs read q, k and v in place through strides, and write each group's columns of the
+/// output directly, where the reference splits heads and transposes with copies.
+fn channel_attention(qkv: &[f32], (b, n, c): (usize, usize, usize), groups: usize) -> Vec<f32> {
+    let cg = c / groups;
+    // The scale is the token count, not the head width (spec §3.4).
+    let scale = (n as f64).powf(-0.5) as f32;
+    let mut out: Vec<f32> = Vec::with_capacity(b * n * c);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * groups).into_par_iter().for_each(|task| {
+        let (img, g) = (task / groups, task % groups);
+        let tokens = &qkv[img * n * 3 * c..(img + 1) * n * 3 * c];
+        let (q, k, v) = (&tokens[g * cg..], &tokens[c + g * cg..], &tokens[2 * c + g * cg..]);
+        let mut attn = vec![0f32; cg * cg];
+        // SAFETY: token t's channel i of this group is at t * 3C + i in q, k and v; attn is
+        // [Cg, Cg]; the output block is this task's own columns of image img.
+        unsafe {
+            // attn = qᵀ · k, with q read transposed.
+            gemm_f32(cg, cg, n, attn.as_mut_ptr(), (cg, 1), q, (1, 3 * c), k, (3 * c, 1), 1);
+            attn.iter_mut().for_each(|a| *a *= scale);
+            softmax_rows(&mut attn, cg);
+            // y = v · attnᵀ, token-major like the input.
+            let dst = out_ptr.get().add(img * n * c + g * cg);
+            gemm_f32(n, cg, cg, dst, (c, 1), v, (3 * c, 1), &attn, (1, cg), 1);
+        }
+    });
+    // SAFETY: the tasks together wrote every (image, token, channel) element.
+    unsafe { out.set_len(b * n * c) };
+    out
 }
 
 #[derive(Debug, Clone)]
