@@ -645,7 +645,9 @@ fn exp_f32(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    let scaled = y * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from the bits of k + 127 + 2^23, whose low mantissa bits hold k + 127 (in 0..=255 after
+    // the clamp): unlike `k as i32`, which saturates, this vectorizes.
+    let scaled = y * f32::from_bits((k + (127.0 + 8_388_608.0)).to_bits() << 23);
     if x < -87.33 {
         0.0
     } else {
