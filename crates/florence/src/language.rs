@@ -7,7 +7,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::nn::{attend_rows, attention, Epilogue, Keys, LayerNorm, Linear, Matrix, WeightFormat};
+use crate::nn::{attend_rows, attention, Epilogue, HeadKv, Keys, LayerNorm, Linear, Matrix, WeightFormat};
 
 /// BART's learned positions are offset by two rows (a fairseq legacy).
 const POSITION_OFFSET: usize = 2;
@@ -148,13 +148,14 @@ struct DecoderLayer {
 /// Per-layer decoder state of a generation.
 #[derive(Debug, Clone)]
 struct LayerState {
-    /// Self-attention keys and values of every token fed so far, `[steps, rows, d]`: what row
-    /// `r` held at step `s`, whichever beam that was then ([`DecoderState::lineage`] says which).
-    self_k: Vec<f32>,
-    self_v: Vec<f32>,
+    /// Per head, the self-attention keys and values of every token fed so far, `[steps, rows,
+    /// hd]`: what row `r` held at step `s`, whichever beam that was then
+    /// ([`DecoderState::lineage`] says which).
+    self_k: Vec<Vec<f32>>,
+    self_v: Vec<Vec<f32>>,
     /// Cross-attention keys of the encoder memory, transposed per head: `[images, heads, hd, L]`.
     cross_k_t: Vec<f32>,
-    /// Cross-attention values of the encoder memory, `[images, L, d]`.
+    /// Cross-attention values of the encoder memory, `[images, heads, L, hd]`.
     cross_v: Vec<f32>,
 }
 
@@ -173,30 +174,34 @@ impl DecoderLayer {
         })
     }
 
-    /// One new token per row: `x` `[rows, d]` to `[rows, d]`. `self_starts(r)` are the offsets
-    /// of the cached rows that row `r` attends to, `cross_starts(i)` those of image `i`'s memory
-    /// (rows come `rows_per_image` per image).
-    fn step<'a>(
+    /// One new token per row: `x` `[rows, d]` to `[rows, d]`. `self_starts[r]` are the offsets
+    /// in each head's cache of the entries row `r` attends to; `memory_starts` those of a head's
+    /// memory values. Rows come `rows_per_image` per image.
+    fn step(
         &self,
         x: &[f32],
-        rows: usize,
+        (rows, rows_per_image): (usize, usize),
         state: &mut LayerState,
-        self_starts: impl Fn(usize) -> &'a [usize] + Sync,
-        (rows_per_image, cross_starts): (usize, impl Fn(usize) -> &'a [usize] + Sync),
+        self_starts: &[Vec<usize>],
+        memory_starts: &[usize],
     ) -> Result<Vec<f32>> {
         let sa = &self.self_attn;
+        let (heads, hd) = (sa.heads, sa.head_dim);
         let q = sa.step_queries(x, rows)?;
-        state.self_k.extend(sa.k_proj.forward_decode(x, rows, Epilogue::None)?);
-        state.self_v.extend(sa.v_proj.forward_decode(x, rows, Epilogue::None)?);
-        let y = attend_rows(
-            &q,
-            sa.heads,
-            sa.head_dim,
-            1,
-            Keys::Rows(&state.self_k),
-            &state.self_v,
-            self_starts,
-        );
+        let k = sa.k_proj.forward_decode(x, rows, Epilogue::None)?;
+        let v = sa.v_proj.forward_decode(x, rows, Epilogue::None)?;
+        for (h, (kc, vc)) in state.self_k.iter_mut().zip(&mut state.self_v).enumerate() {
+            for r in 0..rows {
+                kc.extend_from_slice(&k[r * heads * hd + h * hd..][..hd]);
+                vc.extend_from_slice(&v[r * heads * hd + h * hd..][..hd]);
+            }
+        }
+        let (sk, sv) = (&state.self_k, &state.self_v);
+        let y = attend_rows(&q, heads, hd, 1, |r, h| HeadKv {
+            keys: Keys::Rows(&sk[h]),
+            values: &sv[h],
+            starts: &self_starts[r],
+        });
         let x = self
             .self_attn_layer_norm
             .forward_rows(&sa.out_proj.forward_decode(&y, rows, Epilogue::Residual(x))?);
@@ -204,15 +209,13 @@ impl DecoderLayer {
         // All beams of an image attend to the same memory keys and values.
         let ca = &self.encoder_attn;
         let q = ca.step_queries(&x, rows)?;
-        let y = attend_rows(
-            &q,
-            ca.heads,
-            ca.head_dim,
-            rows_per_image,
-            Keys::Transposed(&state.cross_k_t),
-            &state.cross_v,
-            cross_starts,
-        );
+        let head_len = memory_starts.len() * hd;
+        let (ck, cv) = (&state.cross_k_t, &state.cross_v);
+        let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
+            keys: Keys::Transposed(&ck[(i * heads + h) * head_len..][..head_len]),
+            values: &cv[(i * heads + h) * head_len..][..head_len],
+            starts: memory_starts,
+        });
         let x =
             self.encoder_attn_layer_norm
                 .forward_rows(&ca.out_proj.forward_decode(&y, rows, Epilogue::Residual(&x))?);
@@ -236,6 +239,7 @@ pub struct BartDecoder {
     /// The (tied) output projection, with `final_logits_bias` as its bias when present.
     lm_head: Linear,
     max_positions: usize,
+    head_dim: usize,
 }
 
 /// The decoder's state during one generation over a batch of images.
@@ -244,8 +248,8 @@ pub struct DecoderState {
     layers: Vec<LayerState>,
     rows: usize,
     rows_per_image: usize,
-    /// Per image, the offsets of its memory rows in the cross-attention caches.
-    cross_starts: Vec<Vec<usize>>,
+    /// Offsets of the memory's values in one head's cross-attention cache.
+    memory_starts: Vec<usize>,
     /// Per row, the cache row its sequence occupied at each step. Reordering beams rewrites
     /// these short lists instead of copying every layer's cache, as transformers does.
     lineage: Vec<Vec<u32>>,
@@ -289,6 +293,7 @@ impl BartDecoder {
                 .collect::<Result<_>>()?,
             lm_head: Linear::from_weights(shared.clone(), final_logits_bias)?,
             max_positions: cfg.max_position_embeddings,
+            head_dim: d / cfg.decoder_attention_heads,
         })
     }
 
@@ -304,21 +309,20 @@ impl BartDecoder {
 
     /// Prepares a generation: the cross-attention keys/values of `memory` `[images, L, d]`.
     pub fn start(&self, memory: &Tensor, rows_per_image: usize) -> Result<DecoderState> {
-        let (images, len, d) = memory.dims3()?;
+        let (images, len, _) = memory.dims3()?;
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 let ca = &l.encoder_attn;
-                let k = ca
-                    .k_proj
-                    .forward(memory)?
-                    .reshape((images, len, ca.heads, ca.head_dim))?;
+                let split = |p: &Linear| -> Result<Tensor> {
+                    Ok(p.forward(memory)?.reshape((images, len, ca.heads, ca.head_dim))?)
+                };
                 Ok(LayerState {
-                    self_k: Vec::new(),
-                    self_v: Vec::new(),
-                    cross_k_t: k.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?,
-                    cross_v: ca.v_proj.forward(memory)?.flatten_all()?.to_vec1()?,
+                    self_k: vec![Vec::new(); ca.heads],
+                    self_v: vec![Vec::new(); ca.heads],
+                    cross_k_t: split(&ca.k_proj)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?,
+                    cross_v: split(&ca.v_proj)?.permute((0, 2, 1, 3))?.flatten_all()?.to_vec1()?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -327,9 +331,7 @@ impl BartDecoder {
             layers,
             rows,
             rows_per_image,
-            cross_starts: (0..images)
-                .map(|i| (0..len).map(|s| (i * len + s) * d).collect())
-                .collect(),
+            memory_starts: (0..len).map(|s| s * self.head_dim).collect(),
             lineage: vec![Vec::new(); rows],
             position: 0,
         })
@@ -357,7 +359,7 @@ impl BartDecoder {
         }
         let mut x = self.layernorm_embedding.forward_rows(&x);
 
-        let d = pos.len();
+        let hd = self.head_dim;
         let step = state.position;
         for (r, lineage) in state.lineage.iter_mut().enumerate() {
             lineage.push(r as u32);
@@ -368,14 +370,13 @@ impl BartDecoder {
             .map(|l| {
                 l.iter()
                     .enumerate()
-                    .map(|(s, &row)| (s * rows + row as usize) * d)
+                    .map(|(s, &row)| (s * rows + row as usize) * hd)
                     .collect()
             })
             .collect();
         debug_assert!(self_starts.iter().all(|s| s.len() == step + 1));
-        let cross = &state.cross_starts;
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            x = layer.step(&x, rows, ls, |r| &self_starts[r], (state.rows_per_image, |i| &cross[i]))?;
+            x = layer.step(&x, (rows, state.rows_per_image), ls, &self_starts, &state.memory_starts)?;
         }
         state.position += 1;
         self.lm_head.forward_decode(&x, rows, Epilogue::None)

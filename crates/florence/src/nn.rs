@@ -795,29 +795,38 @@ pub(crate) unsafe fn gemm_f32(
     )
 }
 
-/// Where a decoding step's attention finds its keys.
+/// Where a decoding step's attention finds one head's keys.
 #[derive(Clone, Copy)]
 pub(crate) enum Keys<'a> {
-    /// As rows like the values: key `s` of head `h` at `k[starts[s] + h * hd..][..hd]` (the
-    /// self-attention cache, whose rows follow each beam's lineage).
+    /// As rows like the values: key `s` at `k[starts[s]..][..hd]` (the self-attention cache,
+    /// whose rows follow each beam's lineage).
     Rows(&'a [f32]),
-    /// Transposed per group and head, `[groups, heads, hd, n]` (the encoder memory's keys, fixed
-    /// for a generation): the scores are then sums of contiguous rows, with no per-key reduction.
+    /// Transposed, `[hd, n]` (the encoder memory's keys, fixed for a generation): the scores
+    /// are then sums of contiguous rows, with no per-key reduction.
     Transposed(&'a [f32]),
+}
+
+/// The keys and values that one head of one group of query rows attends to.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadKv<'a> {
+    pub keys: Keys<'a>,
+    /// Value `s` is `values[starts[s]..][..hd]`.
+    pub values: &'a [f32],
+    /// Offsets of the values, and of the keys when they are rows.
+    pub starts: &'a [usize],
 }
 
 /// Attention of single query rows, for decoding steps. `q` is `[rows, heads * hd]` (already
 /// scaled); rows come in groups of `group` that attend to the same keys (the beams of one
-/// image), and the values of group `g` are `v[starts(g)[s] + h * hd..][..hd]` for head `h`.
+/// image), and `kv(g, h)` gives what head `h` of group `g` attends to. Keys and values should be
+/// contiguous per head: strided rows defeat the prefetcher once they come from memory.
 /// Returns `[rows, heads * hd]`.
 pub(crate) fn attend_rows<'a>(
     q: &[f32],
     heads: usize,
     hd: usize,
     group: usize,
-    keys: Keys,
-    v: &[f32],
-    starts: impl Fn(usize) -> &'a [usize] + Sync,
+    kv: impl Fn(usize, usize) -> HeadKv<'a> + Sync,
 ) -> Vec<f32> {
     let d = heads * hd;
     let groups = q.len() / (d * group);
@@ -826,23 +835,18 @@ pub(crate) fn attend_rows<'a>(
         .into_par_iter()
         .map(|task| {
             let (g, h) = (task / heads, task % heads);
-            let starts = starts(g);
+            let kv = kv(g, h);
             let qs: Vec<f32> = (0..group)
                 .flat_map(|j| &q[(g * group + j) * d + h * hd..][..hd])
                 .copied()
                 .collect();
-            let mut scores = vec![0f32; group * starts.len()];
-            match keys {
-                Keys::Rows(k) => scores_from_rows(&qs, hd, k, starts, h * hd, &mut scores),
-                Keys::Transposed(kt) => scores_from_transposed(
-                    &qs,
-                    hd,
-                    &kt[task * hd * starts.len()..][..hd * starts.len()],
-                    &mut scores,
-                ),
+            let mut scores = vec![0f32; group * kv.starts.len()];
+            match kv.keys {
+                Keys::Rows(k) => scores_from_rows(&qs, hd, k, kv.starts, &mut scores),
+                Keys::Transposed(kt) => scores_from_transposed(&qs, hd, kt, &mut scores),
             }
             let mut o = vec![0f32; group * hd];
-            softmax_times_values(&mut scores, v, starts, h * hd, &mut o);
+            softmax_times_values(&mut scores, kv.values, kv.starts, &mut o);
             o
         })
         .collect();
@@ -857,15 +861,15 @@ pub(crate) fn attend_rows<'a>(
 }
 
 with_avx2!(
-    /// `scores[j * n + s] = q_j · k[starts[s] + off..][..hd]` for the rows `q_j` of `qs`.
-    fn scores_from_rows(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], off: usize, scores: &mut [f32]) -> () = scores_from_rows_portable
+    /// `scores[j * n + s] = q_j · k[starts[s]..][..hd]` for the rows `q_j` of `qs`.
+    fn scores_from_rows(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], scores: &mut [f32]) -> () = scores_from_rows_portable
 );
 
 #[inline(always)]
-fn scores_from_rows_portable(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], off: usize, scores: &mut [f32]) {
+fn scores_from_rows_portable(qs: &[f32], hd: usize, k: &[f32], starts: &[usize], scores: &mut [f32]) {
     let n = starts.len();
     for (s, &start) in starts.iter().enumerate() {
-        let key = &k[start + off..][..hd];
+        let key = &k[start..][..hd];
         for (j, q) in qs.chunks_exact(hd).enumerate() {
             scores[j * n + s] = dot(q, key);
         }
@@ -890,17 +894,17 @@ fn scores_from_transposed_portable(qs: &[f32], hd: usize, kt: &[f32], scores: &m
 }
 
 with_avx2!(
-    /// Softmax of each row of `scores` (`[group, n]`), then `o_j = Σ_s p_js · v[starts[s] + off..][..hd]`.
-    fn softmax_times_values(scores: &mut [f32], v: &[f32], starts: &[usize], off: usize, o: &mut [f32]) -> () = softmax_times_values_portable
+    /// Softmax of each row of `scores` (`[group, n]`), then `o_j = Σ_s p_js · v[starts[s]..][..hd]`.
+    fn softmax_times_values(scores: &mut [f32], v: &[f32], starts: &[usize], o: &mut [f32]) -> () = softmax_times_values_portable
 );
 
 #[inline(always)]
-fn softmax_times_values_portable(scores: &mut [f32], v: &[f32], starts: &[usize], off: usize, o: &mut [f32]) {
+fn softmax_times_values_portable(scores: &mut [f32], v: &[f32], starts: &[usize], o: &mut [f32]) {
     let n = starts.len();
     let hd = o.len() / (scores.len() / n);
     softmax_rows_portable(scores, n);
     for (s, &start) in starts.iter().enumerate() {
-        let value = &v[start + off..][..hd];
+        let value = &v[start..][..hd];
         for (j, o) in o.chunks_exact_mut(hd).enumerate() {
             let p = scores[j * n + s];
             for (o, &v) in o.iter_mut().zip(value) {
