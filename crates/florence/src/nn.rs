@@ -633,6 +633,17 @@ fn softmax_rows_portable(rows: &mut [f32], n: usize) {
     }
 }
 
+with_avx2!(
+    /// `Σ e^(x - max)` over `row` (with `max` its maximum), vectorized: the normalizer of a
+    /// softmax or log-softmax over a vocabulary.
+    pub(crate) fn sum_exp_below(row: &[f32], max: f32) -> f32 = sum_exp_below_portable
+);
+
+#[inline(always)]
+fn sum_exp_below_portable(row: &[f32], max: f32) -> f32 {
+    lane_sum(row, |x| exp_f32(x - max))
+}
+
 /// `e^x` for `x <= 0` (softmax scores less their maximum) within 2 ulp (Cephes' `expf`: `2^k * e^r`, `|r| <= ln2/2`, degree-7 polynomial),
 /// written without calls or branches so that loops over it vectorize. `x` below the smallest
 /// normal result gives 0.

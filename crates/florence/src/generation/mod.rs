@@ -214,22 +214,58 @@ pub fn generate(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDec
 /// `log_softmax` over one row, as torch computes it: `x - max - log(sum(exp(x - max)))`.
 pub(crate) fn log_softmax(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    let lse = sum.ln();
+    let lse = crate::nn::sum_exp_below(row, max).ln();
     for x in row.iter_mut() {
         *x = *x - max - lse;
     }
 }
 
 /// Indices of the `k` largest values, largest first; ties keep the lower index first.
+///
+/// One pass that keeps the best `k` so far: most values fail the first comparison, which beats
+/// sorting or selecting among all of a beam step's `beams x vocab` scores.
 pub(crate) fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    let k = k.min(idx.len());
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
+    use std::cmp::Ordering;
+    let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
     }
-    idx.sort_by(cmp);
-    idx
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == k && v.total_cmp(&values[best[k - 1]]) != Ordering::Greater {
+            continue;
+        }
+        // After every kept value >= v: an equal value seen earlier has the lower index.
+        let at = best.partition_point(|&j| values[j].total_cmp(&v) != Ordering::Less);
+        best.insert(at, i);
+        best.truncate(k);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The one-pass selection equals a full sort by (value descending, index ascending),
+    /// with many ties, infinities and every k from 0 past the length.
+    #[test]
+    fn top_k_equals_a_stable_sort() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for len in [0, 1, 5, 200] {
+            let values: Vec<f32> = (0..len)
+                .map(|_| match rng.gen_range(0..10) {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::INFINITY,
+                    r => (r % 4) as f32 * 0.5,
+                })
+                .collect();
+            let mut sorted: Vec<usize> = (0..len).collect();
+            sorted.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+            for k in 0..=len + 1 {
+                let expected: Vec<usize> = sorted.iter().copied().take(k).collect();
+                assert_eq!(top_k_indices(&values, k), expected, "len {len}, k {k}");
+            }
+        }
+    }
 }
