@@ -5,6 +5,8 @@
 //! FLORENCE_FULL_SIZE_DIRS=/tmp/base:/tmp/large cargo test --release -p florence --test full_size -- --ignored
 //! ```
 
+mod common;
+
 use florence::generation::EarlyStopping;
 use florence::{Florence, LoadOptions, Task};
 use serde_json::Value;
@@ -30,12 +32,7 @@ fn full_size_models_generate_the_reference_tokens() {
             let img = florence::preprocess::load_image(case["image"].as_str().unwrap().as_ref()).unwrap();
             let task = Task::new(case["task"].as_str().unwrap(), None).unwrap();
             let out = &model.run(&[img], &task, &gen).unwrap()[0];
-            let want: Vec<u32> = case["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let want = common::token_ids(&case["ids"]);
             assert_eq!(out.ids, want, "{}: {} beams", dir.display(), gen.num_beams);
             assert_eq!(out.raw, case["raw"].as_str().unwrap());
             eprintln!(

@@ -137,12 +137,7 @@ fn generated_tokens_equal_the_reference() {
             let gen = generation_config(model.generation_config(), &case["generation"]);
             let outputs = model.run(&images, &task, &gen).unwrap();
             for (i, out) in outputs.iter().enumerate() {
-                let want: Vec<u32> = case["ids"][i]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect();
+                let want = common::token_ids(&case["ids"][i]);
                 checked += 1;
                 if out.ids != want {
                     failures.push(format!(

@@ -57,12 +57,7 @@ fn prompts_and_ids_match_the_original_processor() {
                 "prompt text of {}",
                 p["prompt"]
             );
-            let want: Vec<u32> = p["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let want = common::token_ids(&p["input_ids"]);
             assert_eq!(
                 tok.encode(&task.prompt).unwrap(),
                 want,
@@ -71,12 +66,7 @@ fn prompts_and_ids_match_the_original_processor() {
             );
         }
         for d in vectors["decode"].as_array().unwrap() {
-            let ids: Vec<u32> = d["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids = common::token_ids(&d["ids"]);
             assert_eq!(
                 tok.decode(&ids, false).unwrap(),
                 d["decode_keep_special"].as_str().unwrap(),

@@ -88,3 +88,12 @@ pub fn case_inputs(case: &Value) -> (florence::Task, Vec<florence::RgbImage>) {
         .collect();
     (task, images)
 }
+
+/// A JSON array of token ids, as the reference scripts write them.
+pub fn token_ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
