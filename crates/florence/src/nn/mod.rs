@@ -66,8 +66,8 @@ pub struct Matrix {
 #[derive(Debug, Clone)]
 enum MatrixData {
     F32(Tensor),
-    Bf16(Arc<[u16]>),
-    Q8 { values: Arc<[i8]>, scales: Arc<[f32]> },
+    Bf16(Arc<Vec<u16>>),
+    Q8 { values: Arc<Vec<i8>>, scales: Arc<Vec<f32>> },
 }
 
 impl Matrix {
@@ -82,26 +82,30 @@ impl Matrix {
         };
         let data = match format {
             WeightFormat::F32 => MatrixData::F32(w.to_dtype(DType::F32)?),
-            WeightFormat::Bf16 => {
-                let v: Vec<half::bf16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
-                MatrixData::Bf16(v.into_iter().map(|x| x.to_bits()).collect())
-            }
+            WeightFormat::Bf16 => MatrixData::Bf16(with_f32(&w, |v| {
+                v.par_iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect::<Vec<u16>>()
+                    .into()
+            })?),
             WeightFormat::Q8 => {
-                let v: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let mut values = vec![0i8; v.len()];
-                let mut scales = vec![0f32; v.len() / Q8_BLOCK];
-                values
-                    .par_chunks_mut(Q8_BLOCK)
-                    .zip(scales.par_iter_mut())
-                    .zip(v.par_chunks(Q8_BLOCK))
-                    .for_each(|((q, s), w)| {
-                        let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                        *s = max / 127.0;
-                        let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                        for (q, x) in q.iter_mut().zip(w) {
-                            *q = (x * inv).round() as i8;
-                        }
-                    });
+                let (values, scales) = with_f32(&w, |v| {
+                    let mut values = vec![0i8; v.len()];
+                    let mut scales = vec![0f32; v.len() / Q8_BLOCK];
+                    values
+                        .par_chunks_mut(Q8_BLOCK)
+                        .zip(scales.par_iter_mut())
+                        .zip(v.par_chunks(Q8_BLOCK))
+                        .for_each(|((q, s), w)| {
+                            let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                            *s = max / 127.0;
+                            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                            for (q, x) in q.iter_mut().zip(w) {
+                                *q = round_half_away(x * inv) as i8;
+                            }
+                        });
+                    (values, scales)
+                })?;
                 MatrixData::Q8 {
                     values: values.into(),
                     scales: scales.into(),
@@ -213,6 +217,18 @@ impl Matrix {
         // SAFETY: the GEMM wrote all m * n elements.
         unsafe { y.set_len(m * n) };
         Ok(y)
+    }
+}
+
+/// `x.round()` (halves away from zero) without the libm call that keeps a loop over it scalar.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    // x - t is exact, so the comparison decides the same halves as `round`.
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
     }
 }
 
@@ -1034,6 +1050,15 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn round_half_away_matches_round() {
+        let mut xs = vec![0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 8388607.5, 0.0, -0.0];
+        xs.extend((-3000..3000).map(|i| i as f32 * 0.0417));
+        for x in xs {
+            assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
     }
 
     /// A row's decoding-step product is the same bits whether it is computed alone or with
