@@ -67,7 +67,10 @@ pub struct Matrix {
 enum MatrixData {
     F32(Tensor),
     Bf16(Arc<Vec<u16>>),
-    Q8 { values: Arc<Vec<i8>>, scales: Arc<Vec<f32>> },
+    Q8 {
+        values: Arc<Vec<i8>>,
+        scales: Arc<Vec<f32>>,
+    },
 }
 
 impl Matrix {
@@ -1054,7 +1057,19 @@ mod tests {
 
     #[test]
     fn round_half_away_matches_round() {
-        let mut xs = vec![0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 8388607.5, 0.0, -0.0];
+        let mut xs = vec![
+            0.5f32,
+            -0.5,
+            1.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            -127.0,
+            8388607.5,
+            0.0,
+            -0.0,
+        ];
         xs.extend((-3000..3000).map(|i| i as f32 * 0.0417));
         for x in xs {
             assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
