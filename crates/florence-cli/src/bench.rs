@@ -78,7 +78,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     gen.sampling = None;
     gen.validate(model.model.max_decoder_positions())?;
 
-    let mut rows: Vec<[f64; 8]> = Vec::new();
+    let mut rows: Vec<[f64; 9]> = Vec::new();
     for run in 0..=a.runs {
         let t0 = Instant::now();
         let img = florence::preprocess::load_image(&a.image)?;
@@ -99,6 +99,8 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         let encoder = t.elapsed();
         let t = Instant::now();
         let mut dec = model.model.decoder(&memory, gen.num_beams)?;
+        let cross_kv = t.elapsed();
+        let t = Instant::now();
         let mut timed = TimedDecoder {
             inner: &mut dec,
             steps: Vec::new(),
@@ -125,6 +127,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
                 ms(vision),
                 ms(projector),
                 ms(encoder),
+                ms(cross_kv),
                 per_step,
                 ms(search + timed.reorders),
                 ms(total),
@@ -144,6 +147,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         "vision tower",
         "projector",
         "text encoder",
+        "cross-attention K/V",
         "decoder step (mean)",
         "search + reorder",
         "end to end (no load)",
@@ -153,7 +157,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     }
     println!(
         "images/s             {:9.2}  ({} image(s), {} beams, {} new tokens, median of {} runs)",
-        a.batch_size as f64 / (median(7) / 1e3),
+        a.batch_size as f64 / (median(8) / 1e3),
         a.batch_size,
         a.num_beams,
         a.new_tokens,
