@@ -36,7 +36,7 @@ pub(super) unsafe fn q8_weight_rows(
     j0: usize,
     out: &mut [f32],
 ) {
-    assert!(Q8_BLOCK == 32 && k % Q8_BLOCK == 0 && x.len() == m * k);
+    assert!(Q8_BLOCK == 32 && k.is_multiple_of(Q8_BLOCK) && x.len() == m * k);
     let blocks = k / Q8_BLOCK;
     for (jj, o) in out.chunks_exact_mut(m).enumerate() {
         let j = j0 + jj;
