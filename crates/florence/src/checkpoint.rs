@@ -222,17 +222,23 @@ fn read_vec<T: bytemuck::Pod + candle_core::WithDType>(
     // In pieces on all threads: copying out of the page cache, and faulting in the fresh
     // buffer's pages, are most of a load's time.
     const PIECE: usize = 8 << 20;
-    // Zeroed by the allocator, which for a buffer this size is a fresh mapping whose pages are
-    // not touched until they are read into.
-    let mut v: Vec<T> = bytemuck::allocation::zeroed_vec(shape.iter().product());
-    bytemuck::cast_slice_mut::<T, u8>(&mut v)
+    // The data starts on a cache line (the tensor is a view past the first `skip` elements), so
+    // that the decoding-step kernels' loads of weight rows never straddle two lines.
+    let n: usize = shape.iter().product();
+    let pad = 64 / std::mem::size_of::<T>();
+    // Zeroed by the allocator, which takes a buffer this size from memory the process has not
+    // touched yet: its pages are populated just before they are read into.
+    let mut v: Vec<T> = bytemuck::allocation::zeroed_vec(n + pad);
+    let skip = v.as_ptr().align_offset(64).min(pad);
+    bytemuck::cast_slice_mut::<T, u8>(&mut v[skip..skip + n])
         .par_chunks_mut(PIECE)
         .enumerate()
         .try_for_each(|(i, piece)| {
             prefault(piece);
             read_exact_at(f, piece, offset + (i * PIECE) as u64)
         })?;
-    Tensor::from_vec(v, shape, &Device::Cpu).map_err(std::io::Error::other)
+    let t = Tensor::from_vec(v, n + pad, &Device::Cpu).and_then(|t| t.narrow(0, skip, n)?.reshape(shape));
+    t.map_err(std::io::Error::other)
 }
 
 /// Maps in all pages of `buf` with one call (Linux 5.14+) rather than one fault per 4 KB page
