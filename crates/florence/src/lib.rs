@@ -233,7 +233,8 @@ impl Florence {
     }
 }
 
-/// Runs `f` on a thread of rayon's global pool (at once if this is one). The model enters a
+/// Runs `f` on a thread of the current rayon pool: the global one, unless called from inside
+/// another pool; at once if this thread already is one of the pool's. The model enters a
 /// parallel section for every layer of every decoding step; from a thread outside the pool each
 /// entry hands the work over and sleeps until it is done, while a pool thread shares the work
 /// and keeps going: a decoding step takes about 12% less time (f32 base, measured).
