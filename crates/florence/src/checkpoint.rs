@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -87,9 +88,15 @@ enum Entry {
 /// The tensors of a checkpoint under remote-layout names (spec §9), read one at a time when the
 /// model asks for them: peak memory while loading is the model as it will be held (in whatever
 /// [`WeightFormat`](crate::nn::WeightFormat) was chosen) plus one tensor in f32.
+///
+/// Safetensors files are also memory-mapped, so that f32 weight matrices wanted in f32 are used
+/// in place ([`mapped_f32`](Self::mapped_f32)) rather than copied. As with every memory-mapped
+/// loader, the files must not be modified while the model is loaded.
 #[derive(Debug)]
 pub struct Checkpoint {
     files: Vec<std::fs::File>,
+    /// Per file, its mapping (safetensors files, where the system allows mapping them).
+    maps: Vec<Option<Arc<memmap2::Mmap>>>,
     paths: Vec<PathBuf>,
     entries: HashMap<String, Entry>,
     /// The layout the tensors were stored in.
@@ -101,6 +108,7 @@ impl Checkpoint {
     pub fn open(weights: &WeightFiles) -> Result<Self> {
         let mut raw: Vec<(String, Entry)> = Vec::new();
         let mut files = Vec::new();
+        let mut maps = Vec::new();
         for (i, path) in weights.files.iter().enumerate() {
             let is_pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
             if is_pickle {
@@ -109,10 +117,14 @@ impl Checkpoint {
                     .map_err(|e| Error::checkpoint(path, format!("cannot read PyTorch checkpoint: {e}")))?;
                 raw.extend(tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))));
                 files.push(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
+                maps.push(None);
             } else {
                 let (file, index) = index_safetensors(path, i)
                     .map_err(|m| Error::checkpoint(path, format!("cannot read safetensors: {m}")))?;
                 raw.extend(index);
+                // SAFETY: the mapping is only read; a file changed underneath it is documented
+                // as unsupported. Where mapping fails, tensors are read with `pread` instead.
+                maps.push(unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new));
                 files.push(file);
             }
         }
@@ -132,6 +144,7 @@ impl Checkpoint {
             .collect();
         Ok(Self {
             files,
+            maps,
             paths: weights.files.clone(),
             entries,
             layout,
@@ -141,6 +154,37 @@ impl Checkpoint {
     /// The file the tensors come from (the first shard), for messages.
     pub fn path(&self) -> &Path {
         &self.paths[0]
+    }
+
+    /// Tensor `name` (remote-layout name) and its shape, in place in the file's mapping, when the
+    /// file stores it in f32 as it is used (not the native projector, which is transposed).
+    pub fn mapped_f32(&self, name: &str) -> Option<(MappedF32, &[usize])> {
+        let Some(Entry::Stored {
+            file,
+            offset,
+            dtype: DType::F32,
+            shape,
+        }) = self.entries.get(name)
+        else {
+            return None;
+        };
+        if self.layout == Layout::Native && name == "image_projection" {
+            return None;
+        }
+        let map = self.maps[*file].as_ref()?;
+        let start = *offset as usize;
+        let len: usize = shape.iter().product();
+        // Mappings start on a page; tensor data in a safetensors file is only packed, not aligned.
+        start.is_multiple_of(std::mem::align_of::<f32>()).then(|| {
+            (
+                MappedF32 {
+                    map: map.clone(),
+                    start,
+                    len,
+                },
+                shape.as_slice(),
+            )
+        })
     }
 
     /// Reads tensor `name` (remote-layout name) as `dtype`.
@@ -182,7 +226,24 @@ impl Checkpoint {
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for Checkpoint {
+/// The f32 values of one tensor in the mapping of its checkpoint file: loading copies nothing,
+/// and the page cache holds the weights once for every process that maps the same file.
+#[derive(Clone)]
+pub struct MappedF32 {
+    map: Arc<memmap2::Mmap>,
+    /// Byte offset of the first value.
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[f32]> for MappedF32 {
+    fn as_ref(&self) -> &[f32] {
+        // The extent was checked against the file and the start for alignment on creation.
+        bytemuck::cast_slice(&self.map[self.start..self.start + self.len * std::mem::size_of::<f32>()])
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for &Checkpoint {
     fn get(
         &self,
         shape: candle_core::Shape,

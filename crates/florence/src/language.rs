@@ -7,7 +7,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::nn::{attend_rows, attention, Epilogue, HeadKv, Keys, LayerNorm, Linear, Matrix, WeightFormat};
+use crate::nn::{attend_rows, attention, Epilogue, HeadKv, Keys, LayerNorm, Linear, Matrix, MatrixSource};
 
 /// BART's learned positions are offset by two rows (a fairseq legacy).
 const POSITION_OFFSET: usize = 2;
@@ -23,12 +23,12 @@ struct BartAttention {
 }
 
 impl BartAttention {
-    fn new(d: usize, heads: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(d: usize, heads: usize, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         Ok(Self {
-            q_proj: Linear::new(d, d, vb.pp("q_proj"), format)?,
-            k_proj: Linear::new(d, d, vb.pp("k_proj"), format)?,
-            v_proj: Linear::new(d, d, vb.pp("v_proj"), format)?,
-            out_proj: Linear::new(d, d, vb.pp("out_proj"), format)?,
+            q_proj: Linear::new(d, d, vb.pp("q_proj"), weights)?,
+            k_proj: Linear::new(d, d, vb.pp("k_proj"), weights)?,
+            v_proj: Linear::new(d, d, vb.pp("v_proj"), weights)?,
+            out_proj: Linear::new(d, d, vb.pp("out_proj"), weights)?,
             heads,
             head_dim: d / heads,
         })
@@ -79,13 +79,13 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            self_attn: BartAttention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), format)?,
+            self_attn: BartAttention::new(d, cfg.encoder_attention_heads, vb.pp("self_attn"), weights)?,
             self_attn_layer_norm: LayerNorm::new(d, vb.pp("self_attn_layer_norm"))?,
-            fc1: Linear::new(d, cfg.encoder_ffn_dim, vb.pp("fc1"), format)?,
-            fc2: Linear::new(cfg.encoder_ffn_dim, d, vb.pp("fc2"), format)?,
+            fc1: Linear::new(d, cfg.encoder_ffn_dim, vb.pp("fc1"), weights)?,
+            fc2: Linear::new(cfg.encoder_ffn_dim, d, vb.pp("fc2"), weights)?,
             final_layer_norm: LayerNorm::new(d, vb.pp("final_layer_norm"))?,
         })
     }
@@ -108,7 +108,7 @@ pub struct BartEncoder {
 }
 
 impl BartEncoder {
-    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         Ok(Self {
             embed_positions: candle_nn::embedding(
                 cfg.max_position_embeddings + POSITION_OFFSET,
@@ -117,7 +117,7 @@ impl BartEncoder {
             )?,
             layernorm_embedding: LayerNorm::new(cfg.d_model, vb.pp("layernorm_embedding"))?,
             layers: (0..cfg.encoder_layers)
-                .map(|i| EncoderLayer::new(cfg, vb.pp("layers").pp(i), format))
+                .map(|i| EncoderLayer::new(cfg, vb.pp("layers").pp(i), weights))
                 .collect::<Result<_>>()?,
         })
     }
@@ -160,16 +160,16 @@ struct LayerState {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         let d = cfg.d_model;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: BartAttention::new(d, heads, vb.pp("self_attn"), format)?,
+            self_attn: BartAttention::new(d, heads, vb.pp("self_attn"), weights)?,
             self_attn_layer_norm: LayerNorm::new(d, vb.pp("self_attn_layer_norm"))?,
-            encoder_attn: BartAttention::new(d, heads, vb.pp("encoder_attn"), format)?,
+            encoder_attn: BartAttention::new(d, heads, vb.pp("encoder_attn"), weights)?,
             encoder_attn_layer_norm: LayerNorm::new(d, vb.pp("encoder_attn_layer_norm"))?,
-            fc1: Linear::new(d, cfg.decoder_ffn_dim, vb.pp("fc1"), format)?,
-            fc2: Linear::new(cfg.decoder_ffn_dim, d, vb.pp("fc2"), format)?,
+            fc1: Linear::new(d, cfg.decoder_ffn_dim, vb.pp("fc1"), weights)?,
+            fc2: Linear::new(cfg.decoder_ffn_dim, d, vb.pp("fc2"), weights)?,
             final_layer_norm: LayerNorm::new(d, vb.pp("final_layer_norm"))?,
         })
     }
@@ -272,7 +272,13 @@ impl DecoderState {
 }
 
 impl BartDecoder {
-    fn new(cfg: &TextConfig, vb: VarBuilder, root: &VarBuilder, shared: &Matrix, format: WeightFormat) -> Result<Self> {
+    fn new(
+        cfg: &TextConfig,
+        vb: VarBuilder,
+        root: &VarBuilder,
+        shared: &Matrix,
+        weights: MatrixSource,
+    ) -> Result<Self> {
         let (vocab, d) = shared.dims();
         let final_logits_bias = if root.contains_tensor("language_model.final_logits_bias") {
             Some(root.get((1, vocab), "language_model.final_logits_bias")?.squeeze(0)?)
@@ -289,7 +295,7 @@ impl BartDecoder {
             )?,
             layernorm_embedding: LayerNorm::new(d, vb.pp("layernorm_embedding"))?,
             layers: (0..cfg.decoder_layers)
-                .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), format))
+                .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i), weights))
                 .collect::<Result<_>>()?,
             lm_head: Linear::from_weights(shared.clone(), final_logits_bias)?,
             max_positions: cfg.max_position_embeddings,
@@ -395,21 +401,20 @@ pub struct BartLanguageModel {
 
 impl BartLanguageModel {
     /// Loads `language_model.*`; `root` is the checkpoint root (for the logits bias). Weight
-    /// matrices, the shared embeddings included, are held in `format`.
-    pub fn new(cfg: &TextConfig, root: VarBuilder, format: WeightFormat) -> Result<Self> {
+    /// matrices, the shared embeddings included, are held in `weights.format`.
+    pub fn new(cfg: &TextConfig, root: VarBuilder, weights: MatrixSource) -> Result<Self> {
         let vb = root.pp("language_model").pp("model");
-        let shared = vb.get_unchecked("shared.weight")?;
-        let (vocab, d) = shared.dims2()?;
+        let shared = weights.matrix(&vb, "shared.weight", None)?;
+        let (vocab, d) = shared.dims();
         if d != cfg.d_model {
             return Err(crate::Error::config(format!(
                 "token embeddings are {vocab}x{d} but text_config.d_model is {}",
                 cfg.d_model
             )));
         }
-        let shared = Matrix::new(shared, format)?;
         Ok(Self {
-            encoder: BartEncoder::new(cfg, vb.pp("encoder"), format)?,
-            decoder: BartDecoder::new(cfg, vb.pp("decoder"), &root, &shared, format)?,
+            encoder: BartEncoder::new(cfg, vb.pp("encoder"), weights)?,
+            decoder: BartDecoder::new(cfg, vb.pp("decoder"), &root, &shared, weights)?,
             shared,
         })
     }

@@ -9,7 +9,7 @@ use crate::config::{Florence2Config, Layout};
 use crate::error::{Error, Result};
 use crate::generation::StepDecoder;
 use crate::language::{BartLanguageModel, DecoderState};
-use crate::nn::WeightFormat;
+use crate::nn::{MatrixSource, WeightFormat};
 use crate::projector::ImageProjector;
 use crate::vision::DaViT;
 
@@ -38,7 +38,7 @@ impl Florence2 {
         let checkpoint = Checkpoint::open(files)?;
         let layout = checkpoint.layout;
         let path = checkpoint.path().to_path_buf();
-        let vb = VarBuilder::from_backend(Box::new(checkpoint), DType::F32, device.clone());
+        let vb = VarBuilder::from_backend(Box::new(&checkpoint), DType::F32, device.clone());
         let wrap = |e: Error| match e {
             Error::Tensor(t) => Error::checkpoint(
                 &path,
@@ -48,9 +48,10 @@ impl Florence2 {
             ),
             other => other,
         };
-        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), vision_weights).map_err(wrap)?;
+        let matrices = |format| MatrixSource::new(format, Some(&checkpoint));
+        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), matrices(vision_weights)).map_err(wrap)?;
         let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
-        let language_model = BartLanguageModel::new(&config.text, vb, language_weights).map_err(wrap)?;
+        let language_model = BartLanguageModel::new(&config.text, vb, matrices(language_weights)).map_err(wrap)?;
         Ok(Self {
             config,
             layout,

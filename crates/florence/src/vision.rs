@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, WeightFormat};
+use crate::nn::{gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
@@ -64,10 +64,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(dim: usize, hidden: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    fn new(dim: usize, hidden: usize, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(dim, hidden, vb.pp("fc1"), format)?,
-            fc2: Linear::new(hidden, dim, vb.pp("fc2"), format)?,
+            fc1: Linear::new(dim, hidden, vb.pp("fc1"), weights)?,
+            fc2: Linear::new(hidden, dim, vb.pp("fc2"), weights)?,
         })
     }
     /// `residual + fc2(gelu(fc1(x)))`.
@@ -264,18 +264,18 @@ impl DualBlock {
         mixer_name: &str,
         mixer_of: impl FnOnce(Linear, Linear) -> Mixer,
         vb: VarBuilder,
-        format: WeightFormat,
+        weights: MatrixSource,
     ) -> Result<Self> {
         let attn = vb.pp(mixer_name);
-        let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"), format)?;
-        let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"), format)?;
+        let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"), weights)?;
+        let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"), weights)?;
         Ok(Self {
             conv1: DepthwiseConv3x3Residual::new(dim, vb.pp("conv1").pp("fn").pp("dw"))?,
             norm1: LayerNorm::new(dim, attn.pp("norm"))?,
             mixer: mixer_of(qkv, proj),
             conv2: DepthwiseConv3x3Residual::new(dim, vb.pp("conv2").pp("fn").pp("dw"))?,
             norm2: LayerNorm::new(dim, vb.pp("ffn").pp("norm"))?,
-            ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"), format)?,
+            ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"), weights)?,
         })
     }
 
@@ -300,8 +300,8 @@ pub struct DaViT {
 }
 
 impl DaViT {
-    /// Loads `vision_tower.*`, holding the attention and MLP weights in `format`.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
+    /// Loads `vision_tower.*`, holding the attention and MLP weights in `weights.format`.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
         let mut convs = Vec::new();
         let mut blocks = Vec::new();
         for i in 0..cfg.dim_embed.len() {
@@ -326,7 +326,7 @@ impl DaViT {
                         })
                     },
                     vb.pp("spatial_block"),
-                    format,
+                    weights,
                 )?;
                 let channel = DualBlock::new(
                     dim,
@@ -334,7 +334,7 @@ impl DaViT {
                     "channel_attn",
                     |qkv, proj| Mixer::Channel(ChannelAttention { qkv, proj, groups }),
                     vb.pp("channel_block"),
-                    format,
+                    weights,
                 )?;
                 pairs.push((spatial, channel));
             }

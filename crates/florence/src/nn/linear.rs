@@ -10,8 +10,11 @@ use rayon::prelude::*;
 
 use super::activation::gelu_f32;
 use super::{gemm_f32, with_f32};
+use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -42,7 +45,7 @@ pub struct Matrix {
 
 #[derive(Debug, Clone)]
 enum MatrixData {
-    F32(Tensor),
+    F32(F32Values),
     Bf16(Arc<Vec<u16>>),
     Q8 {
         values: Arc<Vec<i8>>,
@@ -50,122 +53,175 @@ enum MatrixData {
     },
 }
 
+/// Row-major f32 weights: in memory of their own, or in place in a memory-mapped checkpoint
+/// ([`MappedF32`](crate::checkpoint::MappedF32)).
+#[derive(Clone)]
+pub struct F32Values(Arc<dyn AsRef<[f32]> + Send + Sync>);
+
+impl F32Values {
+    pub fn new(values: impl AsRef<[f32]> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(values))
+    }
+}
+
+impl std::ops::Deref for F32Values {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        (*self.0).as_ref()
+    }
+}
+
+impl std::fmt::Debug for F32Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "F32Values({} values)", self.len())
+    }
+}
+
 impl Matrix {
-    /// Stores the f32 matrix `w` in `format`. Q8 needs a width that is a multiple of
+    /// Stores the matrix `w` in `format`. Q8 needs a width that is a multiple of
     /// [`Q8_BLOCK`]; other widths keep bf16.
     pub fn new(w: Tensor, format: WeightFormat) -> Result<Self> {
         let w = w.to_dtype(DType::F32)?;
         let (rows, cols) = w.dims2()?;
-        let format = if format == WeightFormat::Q8 && cols % Q8_BLOCK != 0 {
+        with_f32(&w, |v| match format {
+            WeightFormat::F32 => Self::from_values(F32Values::new(aligned_copy(v)), rows, cols, format),
+            _ => Ok(Self::reduced(v, rows, cols, format)),
+        })?
+    }
+
+    /// The `[rows, cols]` matrix of `values` in `format`: held as it is in f32, converted else.
+    pub fn from_values(values: F32Values, rows: usize, cols: usize, format: WeightFormat) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(crate::Error::usage(format!(
+                "{} values for a {rows}x{cols} matrix",
+                values.len()
+            )));
+        }
+        Ok(match format {
+            WeightFormat::F32 => Self {
+                rows,
+                cols,
+                data: MatrixData::F32(values),
+            },
+            _ => Self::reduced(&values, rows, cols, format),
+        })
+    }
+
+    /// `v` (`[rows, cols]`) in a reduced format, converted on all threads.
+    fn reduced(v: &[f32], rows: usize, cols: usize, format: WeightFormat) -> Self {
+        let format = if format == WeightFormat::Q8 && !cols.is_multiple_of(Q8_BLOCK) {
             WeightFormat::Bf16
         } else {
             format
         };
         let data = match format {
-            WeightFormat::F32 => MatrixData::F32(w),
-            WeightFormat::Bf16 => MatrixData::Bf16(with_f32(&w, |v| {
+            WeightFormat::F32 => MatrixData::F32(F32Values::new(aligned_copy(v))),
+            WeightFormat::Bf16 => MatrixData::Bf16(
                 v.par_iter()
                     .map(|&x| half::bf16::from_f32(x).to_bits())
                     .collect::<Vec<u16>>()
-                    .into()
-            })?),
+                    .into(),
+            ),
             WeightFormat::Q8 => {
-                let (values, scales) = with_f32(&w, |v| {
-                    let mut values = vec![0i8; v.len()];
-                    let mut scales = vec![0f32; v.len() / Q8_BLOCK];
-                    values
-                        .par_chunks_mut(Q8_BLOCK)
-                        .zip(scales.par_iter_mut())
-                        .zip(v.par_chunks(Q8_BLOCK))
-                        .for_each(|((q, s), w)| {
-                            let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                            *s = max / 127.0;
-                            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-                            for (q, x) in q.iter_mut().zip(w) {
-                                *q = round_half_away(x * inv) as i8;
-                            }
-                        });
-                    (values, scales)
-                })?;
+                let mut values = vec![0i8; v.len()];
+                let mut scales = vec![0f32; v.len() / Q8_BLOCK];
+                values
+                    .par_chunks_mut(Q8_BLOCK)
+                    .zip(scales.par_iter_mut())
+                    .zip(v.par_chunks(Q8_BLOCK))
+                    .for_each(|((q, s), w)| {
+                        let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        *s = max / 127.0;
+                        let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                        for (q, x) in q.iter_mut().zip(w) {
+                            *q = round_half_away(x * inv) as i8;
+                        }
+                    });
                 MatrixData::Q8 {
                     values: values.into(),
                     scales: scales.into(),
                 }
             }
         };
-        Ok(Self { rows, cols, data })
+        Self { rows, cols, data }
     }
 
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
 
-    /// The matrix in f32: the stored tensor itself, or a widened copy.
+    /// The matrix in f32 (a copy, widened from reduced formats).
     pub fn to_f32(&self, device: &candle_core::Device) -> Result<Tensor> {
-        match &self.data {
-            MatrixData::F32(t) => Ok(t.clone()),
-            _ => self.rows_f32(&(0..self.rows as u32).collect::<Vec<_>>(), device),
-        }
+        Ok(Tensor::from_vec(self.widened(), (self.rows, self.cols), device)?)
     }
 
     /// Rows `ids` in f32, `[ids.len(), cols]` (an embedding lookup).
     pub fn rows_f32(&self, ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
-        let k = self.cols;
-        if let MatrixData::F32(t) = &self.data {
-            return Ok(t.index_select(&Tensor::new(ids, t.device())?, 0)?);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            return Err(crate::Error::usage(format!(
+                "token id {id} is outside the model's {} embeddings; the tokenizer does not match the model",
+                self.rows
+            )));
         }
-        let mut out = vec![0f32; ids.len() * k];
-        out.par_chunks_mut(k).zip(ids.par_iter()).for_each(|(o, &id)| {
-            let j = id as usize;
-            match &self.data {
-                MatrixData::F32(_) => unreachable!("handled above"),
-                MatrixData::Bf16(w) => widen_bf16(&w[j * k..(j + 1) * k], o),
-                MatrixData::Q8 { values, scales } => {
-                    let blocks = k / Q8_BLOCK;
-                    for ((o, q), s) in o
-                        .chunks_exact_mut(Q8_BLOCK)
-                        .zip(values[j * k..(j + 1) * k].chunks_exact(Q8_BLOCK))
-                        .zip(&scales[j * blocks..(j + 1) * blocks])
-                    {
-                        for (o, &q) in o.iter_mut().zip(q) {
-                            *o = q as f32 * s;
-                        }
+        let mut out = vec![0f32; ids.len() * self.cols];
+        self.rows_into(ids.par_iter().map(|&id| id as usize), &mut out);
+        Ok(Tensor::from_vec(out, (ids.len(), self.cols), device)?)
+    }
+
+    /// The whole matrix in f32, row-major.
+    fn widened(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.rows_into((0..self.rows).into_par_iter(), &mut out);
+        out
+    }
+
+    /// Writes rows `ids` (each `< rows`) in f32 to consecutive rows of `out`.
+    fn rows_into(&self, ids: impl IndexedParallelIterator<Item = usize>, out: &mut [f32]) {
+        let k = self.cols;
+        out.par_chunks_mut(k).zip(ids).for_each(|(o, j)| match &self.data {
+            MatrixData::F32(w) => o.copy_from_slice(&w[j * k..(j + 1) * k]),
+            MatrixData::Bf16(w) => widen_bf16(&w[j * k..(j + 1) * k], o),
+            MatrixData::Q8 { values, scales } => {
+                let blocks = k / Q8_BLOCK;
+                for ((o, q), s) in o
+                    .chunks_exact_mut(Q8_BLOCK)
+                    .zip(values[j * k..(j + 1) * k].chunks_exact(Q8_BLOCK))
+                    .zip(&scales[j * blocks..(j + 1) * blocks])
+                {
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = q as f32 * s;
                     }
                 }
             }
         });
-        Ok(Tensor::from_vec(out, (ids.len(), k), device)?)
     }
 
     /// `x · Wᵀ` for the few rows of `x` (`[m, cols]`, row-major), streaming `W` once: each
     /// weight row is read and dotted with every input row. Returns `[m, rows]`.
-    fn mul_few_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let w_tensor = match &self.data {
-            MatrixData::F32(t) => Some(t.contiguous()?),
-            _ => None,
-        };
-        match &w_tensor {
-            Some(t) => with_f32(t, |w| self.mul_few_rows_with(w, x, m)),
-            None => Ok(self.mul_few_rows_with(&[], x, m)),
-        }
-    }
-
-    /// [`mul_few_rows`](Self::mul_few_rows) with the f32 weights, if that is the format, as a slice.
-    fn mul_few_rows_with(&self, w_f32: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+    fn mul_few_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         const CHUNK: usize = 64;
         let mut out_t = vec![0f32; n * m];
         let x = &aligned_copy(x);
         #[cfg(target_arch = "x86_64")]
-        let avx512 = avx512::available();
+        let (avx2, avx512) = (avx2::available() && k.is_multiple_of(16), avx512::available());
         out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
             #[cfg(target_arch = "x86_64")]
-            if let (MatrixData::Q8 { values, scales }, true) = (&self.data, avx512) {
-                // SAFETY: AVX-512F was detected.
-                return unsafe { avx512::q8_weight_rows(values, scales, k, x, m, c * CHUNK, out) };
+            match (&self.data, avx2, avx512) {
+                // SAFETY (all three): the features were detected, and rows are whole 16-value chunks.
+                (MatrixData::Q8 { values, scales }, _, true) => {
+                    return unsafe { avx512::q8_weight_rows(values, scales, k, x, m, c * CHUNK, out) }
+                }
+                (MatrixData::Q8 { values, scales }, true, _) => {
+                    return unsafe { avx2::q8_weight_rows(values, scales, k, x, m, c * CHUNK, out) }
+                }
+                (MatrixData::F32(w), true, _) => return unsafe { avx2::f32_weight_rows(w, k, x, m, c * CHUNK, out) },
+                (MatrixData::Bf16(w), true, _) => return unsafe { avx2::bf16_weight_rows(w, k, x, m, c * CHUNK, out) },
+                _ => {}
             }
             let weights = match &self.data {
-                MatrixData::F32(_) => RowsRef::F32(w_f32),
+                MatrixData::F32(w) => RowsRef::F32(w),
                 MatrixData::Bf16(w) => RowsRef::Bf16(w),
                 MatrixData::Q8 { values, scales } => RowsRef::Q8(values, scales),
             };
@@ -184,17 +240,18 @@ impl Matrix {
     /// `weight_t` (`[k, rows]`) when given. Returns `[m, rows]`.
     fn mul_many_rows(&self, x: &[f32], m: usize, k: usize, weight_t: Option<&Tensor>) -> Result<Vec<f32>> {
         let n = self.rows;
-        let (w, strides) = match weight_t {
-            Some(wt) => (wt.clone(), (n, 1)),
-            None => (self.to_f32(&candle_core::Device::Cpu)?, (1, k)),
-        };
         // Not zeroed: the GEMM writes every element without reading it.
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let threads = rayon::current_num_threads();
-        with_f32(&w, |w| {
+        let mut product = |w: &[f32], strides: (usize, usize)| {
             // SAFETY: x is [m, k], y has room for [m, n], and w is [n, k] read transposed or [k, n].
             unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), (n, 1), x, (k, 1), w, strides, threads) }
-        })?;
+        };
+        match (weight_t, &self.data) {
+            (Some(wt), _) => with_f32(wt, |w| product(w, (n, 1)))?,
+            (None, MatrixData::F32(w)) => product(w, (1, k)),
+            (None, _) => product(&self.widened(), (1, k)),
+        }
         // SAFETY: the GEMM wrote all m * n elements.
         unsafe { y.set_len(m * n) };
         Ok(y)
@@ -210,6 +267,42 @@ fn round_half_away(x: f32) -> f32 {
         t + 1f32.copysign(x)
     } else {
         t
+    }
+}
+
+/// Where a model's weight matrices come from, and the format they are held in.
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixSource<'a> {
+    pub format: WeightFormat,
+    checkpoint: Option<&'a Checkpoint>,
+}
+
+impl<'a> MatrixSource<'a> {
+    /// Matrices from `checkpoint`'s file mapping where possible (f32 in the file and wanted in
+    /// f32), else through the `VarBuilder` they are asked with.
+    pub fn new(format: WeightFormat, checkpoint: Option<&'a Checkpoint>) -> Self {
+        Self { format, checkpoint }
+    }
+
+    /// Matrix `name` under `vb`'s prefix, of shape `[rows, cols]` when `shape` says so.
+    pub fn matrix(&self, vb: &VarBuilder, name: &str, shape: Option<(usize, usize)>) -> Result<Matrix> {
+        let prefix = vb.prefix();
+        let path = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        if let Some((values, &[rows, cols])) = self.checkpoint.and_then(|c| c.mapped_f32(&path)) {
+            if shape.is_none_or(|s| s == (rows, cols)) {
+                return Matrix::from_values(F32Values::new(values), rows, cols, self.format);
+            }
+        }
+        // Other dtypes and layouts, and the errors for wrong shapes, come from the VarBuilder.
+        let w = match shape {
+            Some(s) => vb.get(s, name)?,
+            None => vb.get_unchecked(name)?,
+        };
+        Matrix::new(w, self.format)
     }
 }
 
@@ -233,6 +326,12 @@ fn aligned_copy(x: &[f32]) -> AlignedF32 {
 struct AlignedF32 {
     lines: Vec<CacheLine>,
     len: usize,
+}
+
+impl AsRef<[f32]> for AlignedF32 {
+    fn as_ref(&self) -> &[f32] {
+        self
+    }
 }
 
 impl std::ops::Deref for AlignedF32 {
@@ -268,14 +367,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
+        let weight = weights.matrix(&vb, "weight", Some((out_dim, in_dim)))?;
         let bias = if vb.contains_tensor("bias") {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Self::from_weights(Matrix::new(weight, format)?, bias)
+        Self::from_weights(weight, bias)
     }
 
     /// A linear map from an `[out, in]` weight and an optional `[out]` bias.
@@ -283,7 +382,11 @@ impl Linear {
         // Measured: with 128 inputs (DaViT's first stage) the GEMM runs 20% faster on a
         // contiguous [in, out] matrix; wider layers run as fast on the view and skip the copy.
         let weight_t = match &weight.data {
-            MatrixData::F32(w) if weight.cols <= 128 => Some(w.t()?.contiguous()?),
+            MatrixData::F32(w) if weight.cols <= 128 => Some(
+                Tensor::from_slice(w, (weight.rows, weight.cols), &candle_core::Device::Cpu)?
+                    .t()?
+                    .contiguous()?,
+            ),
             _ => None,
         };
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
@@ -345,7 +448,7 @@ impl Linear {
             )));
         }
         let mut y = if decode {
-            self.weight.mul_few_rows(x, rows)?
+            self.weight.mul_few_rows(x, rows)
         } else {
             self.weight.mul_many_rows(x, rows, k, self.weight_t.as_ref())?
         };
@@ -487,8 +590,16 @@ fn dot_rows<const R: usize>(w: RowsRef, j: usize, k: usize, xs: &[f32], out: &mu
         }
     }
     for ((o, acc), t) in out.iter_mut().zip(&acc).zip(tail) {
-        *o = acc.iter().sum::<f32>() + t;
+        *o = reduce_lanes(acc) + t;
     }
+}
+
+/// The sum of an accumulator's lanes as a tree, in the order the SIMD kernels add them.
+#[inline(always)]
+fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
+    let v: [f32; 8] = std::array::from_fn(|l| acc[l] + acc[l + 8]);
+    let h: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
+    (h[0] + h[2]) + (h[1] + h[3])
 }
 
 /// `acc[r] += xs_r[c..c + LANES] * w` for each row `r`, with fused multiply-adds.
@@ -595,6 +706,45 @@ mod tests {
             for (r, expected) in together.chunks(n).enumerate() {
                 let alone = lin.forward_decode(&xs[r * k..(r + 1) * k], 1, Epilogue::None)?;
                 assert_eq!(alone, expected, "{format:?} row {r}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The AVX2 kernels add each output's products in the portable kernel's order: f32 and bf16
+    /// weights give the same bits either way (int8 scales in another order, within rounding).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_equal_the_portable_kernel() -> Result<()> {
+        assert!(avx2::available(), "this test needs a CPU with AVX2 and FMA");
+        let dev = Device::Cpu;
+        let (m, k, n) = (5, 96, 40);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?.flatten_all()?.to_vec1()?;
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            let mat = Matrix::new(w.clone(), format)?;
+            let (mut portable, mut fast) = (vec![0f32; n * m], vec![0f32; n * m]);
+            // SAFETY: AVX2 and FMA were checked above; k is a multiple of 32.
+            match &mat.data {
+                MatrixData::F32(v) => {
+                    rows_times_weight_rows_portable(RowsRef::F32(v), k, &x, m, 0, &mut portable);
+                    unsafe { avx2::f32_weight_rows(v, k, &x, m, 0, &mut fast) };
+                }
+                MatrixData::Bf16(v) => {
+                    rows_times_weight_rows_portable(RowsRef::Bf16(v), k, &x, m, 0, &mut portable);
+                    unsafe { avx2::bf16_weight_rows(v, k, &x, m, 0, &mut fast) };
+                }
+                MatrixData::Q8 { values, scales } => {
+                    rows_times_weight_rows_portable(RowsRef::Q8(values, scales), k, &x, m, 0, &mut portable);
+                    unsafe { avx2::q8_weight_rows(values, scales, k, &x, m, 0, &mut fast) };
+                }
+            }
+            if format == WeightFormat::Q8 {
+                for (a, b) in portable.iter().zip(&fast) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{format:?}: {a} vs {b}");
+                }
+            } else {
+                assert_eq!(portable, fast, "{format:?}");
             }
         }
         Ok(())

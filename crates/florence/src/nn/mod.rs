@@ -46,7 +46,7 @@ pub(crate) use activation::{softmax_rows, sum_exp_below};
 pub use attention::attention;
 pub(crate) use attention::{attend_rows, HeadKv, Keys};
 pub use conv::DepthwiseConv3x3Residual;
-pub use linear::{Epilogue, Linear, Matrix, WeightFormat, Q8_BLOCK};
+pub use linear::{Epilogue, F32Values, Linear, Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
 pub use norm::LayerNorm;
 
 /// Calls `f` with the elements of `t`, an f32 CPU tensor, made contiguous first if needed.
