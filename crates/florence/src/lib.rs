@@ -108,7 +108,25 @@ impl Florence {
         }
         let config = Florence2Config::from_file(&config_path)?;
         let processor = ImageProcessor::new(Self::preprocessor_config(dir)?);
-        let tokenizer = FlorenceTokenizer::from_dir(dir)?;
+        // The tokenizer is parsed on a thread of its own while the weights load (about a tenth
+        // of a second each); its errors still come first.
+        let (tokenizer, model) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| FlorenceTokenizer::from_dir(dir));
+            let model = Self::load_model(dir, config, options);
+            let tokenizer = tokenizer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (tokenizer, model)
+        });
+        let (tokenizer, (model, generation)) = (tokenizer?, model?);
+        Ok(Self {
+            model,
+            tokenizer,
+            processor,
+            generation,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn load_model(dir: &Path, config: Florence2Config, options: &LoadOptions) -> Result<(Florence2, GenerationConfig)> {
         let files = checkpoint::WeightFiles::discover(dir)?;
         let generation = Self::default_generation(&config, dir)?;
         let model = Florence2::load(
@@ -118,13 +136,7 @@ impl Florence {
             options.language_weights,
             &options.device,
         )?;
-        Ok(Self {
-            model,
-            tokenizer,
-            processor,
-            generation,
-            dir: dir.to_path_buf(),
-        })
+        Ok((model, generation))
     }
 
     fn preprocessor_config(dir: &Path) -> Result<PreprocessorConfig> {
