@@ -278,8 +278,8 @@ pub struct MatrixSource<'a> {
 }
 
 impl<'a> MatrixSource<'a> {
-    /// Matrices from `checkpoint`'s file mapping where possible (f32 in the file and wanted in
-    /// f32), else through the `VarBuilder` they are asked with.
+    /// Matrices from `checkpoint`'s file mapping where possible (f32 in the file and held in
+    /// f32), else read through the `VarBuilder` they are asked with and converted.
     pub fn new(format: WeightFormat, checkpoint: Option<&'a Checkpoint>) -> Self {
         Self { format, checkpoint }
     }
@@ -292,7 +292,11 @@ impl<'a> MatrixSource<'a> {
         } else {
             format!("{prefix}.{name}")
         };
-        if let Some((values, &[rows, cols])) = self.checkpoint.and_then(|c| c.mapped_f32(&path)) {
+        // Only f32 is used in place: a reduced format converted from the mapping would keep the
+        // mapped pages resident, as well as their conversion, until the load ends (measured: peak
+        // RSS 1245 MB instead of about 660 for base with `--dtype bf16 --quantize q8`).
+        let mapped = self.checkpoint.filter(|_| self.format == WeightFormat::F32);
+        if let Some((values, &[rows, cols])) = mapped.and_then(|c| c.mapped_f32(&path)) {
             if shape.is_none_or(|s| s == (rows, cols)) {
                 return Matrix::from_values(F32Values::new(values), rows, cols, self.format);
             }
