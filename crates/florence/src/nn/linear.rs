@@ -84,10 +84,7 @@ impl Matrix {
     pub fn new(w: Tensor, format: WeightFormat) -> Result<Self> {
         let w = w.to_dtype(DType::F32)?;
         let (rows, cols) = w.dims2()?;
-        with_f32(&w, |v| match format {
-            WeightFormat::F32 => Self::from_values(F32Values::new(aligned_copy(v)), rows, cols, format),
-            _ => Ok(Self::reduced(v, rows, cols, format)),
-        })?
+        with_f32(&w, |v| Self::stored(v, rows, cols, format))
     }
 
     /// The `[rows, cols]` matrix of `values` in `format`: held as it is in f32, converted else.
@@ -104,12 +101,13 @@ impl Matrix {
                 cols,
                 data: MatrixData::F32(values),
             },
-            _ => Self::reduced(&values, rows, cols, format),
+            _ => Self::stored(&values, rows, cols, format),
         })
     }
 
-    /// `v` (`[rows, cols]`) in a reduced format, converted on all threads.
-    fn reduced(v: &[f32], rows: usize, cols: usize, format: WeightFormat) -> Self {
+    /// `v` (`[rows, cols]`) stored in `format`: copied to a cache-line boundary in f32, converted
+    /// on all threads otherwise.
+    fn stored(v: &[f32], rows: usize, cols: usize, format: WeightFormat) -> Self {
         let format = if format == WeightFormat::Q8 && !cols.is_multiple_of(Q8_BLOCK) {
             WeightFormat::Bf16
         } else {
