@@ -168,7 +168,7 @@ impl Checkpoint {
         else {
             return None;
         };
-        if self.layout == Layout::Native && name == "image_projection" {
+        if self.transposed_on_read(name) {
             return None;
         }
         let map = self.maps[*file].as_ref()?;
@@ -185,6 +185,12 @@ impl Checkpoint {
                 shape.as_slice(),
             )
         })
+    }
+
+    /// The native projector is a Linear (`[out, in]`); the remote one, which the model reads, a
+    /// matrix (`[in, out]`).
+    fn transposed_on_read(&self, name: &str) -> bool {
+        self.layout == Layout::Native && name == "image_projection"
     }
 
     /// Reads tensor `name` (remote-layout name) as `dtype`.
@@ -216,8 +222,7 @@ impl Checkpoint {
                 }
             }
         };
-        // The native projector is a Linear (`[out, in]`); the remote one a matrix (`[in, out]`).
-        let t = if self.layout == Layout::Native && name == "image_projection" {
+        let t = if self.transposed_on_read(name) {
             t.t()?.contiguous()?
         } else {
             t

@@ -202,29 +202,11 @@ impl Matrix {
         const CHUNK: usize = 64;
         let mut out_t = vec![0f32; n * m];
         let x = &aligned_copy(x);
-        #[cfg(target_arch = "x86_64")]
-        let (avx2, avx512) = (avx2::available() && k.is_multiple_of(16), avx512::available());
-        out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
-            #[cfg(target_arch = "x86_64")]
-            match (&self.data, avx2, avx512) {
-                // SAFETY (all three): the features were detected, and rows are whole 16-value chunks.
-                (MatrixData::Q8 { values, scales }, _, true) => {
-                    return unsafe { avx512::q8_weight_rows(values, scales, k, x, m, c * CHUNK, out) }
-                }
-                (MatrixData::Q8 { values, scales }, true, _) => {
-                    return unsafe { avx2::q8_weight_rows(values, scales, k, x, m, c * CHUNK, out) }
-                }
-                (MatrixData::F32(w), true, _) => return unsafe { avx2::f32_weight_rows(w, k, x, m, c * CHUNK, out) },
-                (MatrixData::Bf16(w), true, _) => return unsafe { avx2::bf16_weight_rows(w, k, x, m, c * CHUNK, out) },
-                _ => {}
-            }
-            let weights = match &self.data {
-                MatrixData::F32(w) => RowsRef::F32(w),
-                MatrixData::Bf16(w) => RowsRef::Bf16(w),
-                MatrixData::Q8 { values, scales } => RowsRef::Q8(values, scales),
-            };
-            rows_times_weight_rows(weights, k, x, m, c * CHUNK, out);
-        });
+        let weights = self.rows_ref();
+        out_t
+            .par_chunks_mut(CHUNK * m)
+            .enumerate()
+            .for_each(|(c, out)| weight_rows_times_rows(weights, k, x, m, c * CHUNK, out));
         let mut out = vec![0f32; m * n];
         for j in 0..n {
             for i in 0..m {
@@ -232,6 +214,14 @@ impl Matrix {
             }
         }
         out
+    }
+
+    fn rows_ref(&self) -> RowsRef<'_> {
+        match &self.data {
+            MatrixData::F32(w) => RowsRef::F32(w),
+            MatrixData::Bf16(w) => RowsRef::Bf16(w),
+            MatrixData::Q8 { values, scales } => RowsRef::Q8(values, scales),
+        }
     }
 
     /// `x · Wᵀ` for many rows of `x` (`[m, k]`, row-major) with a multithreaded GEMM, on
@@ -518,8 +508,30 @@ enum RowsRef<'a> {
     Q8(&'a [i8], &'a [f32]),
 }
 
+/// For weight rows `j0..j0 + out.len() / m`: `out[jj * m + i] = x_i · w_(j0+jj)`, with the
+/// intrinsics kernels where the CPU has them.
+fn weight_rows_times_rows(w: RowsRef, k: usize, x: &[f32], m: usize, j0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = avx2::available() && k.is_multiple_of(16);
+        // SAFETY (all four): the features were detected, and rows are whole 16-value chunks.
+        match w {
+            RowsRef::Q8(values, scales) if avx512::available() => {
+                return unsafe { avx512::q8_weight_rows(values, scales, k, x, m, j0, out) }
+            }
+            RowsRef::Q8(values, scales) if avx2 => {
+                return unsafe { avx2::q8_weight_rows(values, scales, k, x, m, j0, out) }
+            }
+            RowsRef::F32(w) if avx2 => return unsafe { avx2::f32_weight_rows(w, k, x, m, j0, out) },
+            RowsRef::Bf16(w) if avx2 => return unsafe { avx2::bf16_weight_rows(w, k, x, m, j0, out) },
+            _ => {}
+        }
+    }
+    rows_times_weight_rows(w, k, x, m, j0, out)
+}
+
 with_avx2!(
-    /// For weight rows `j0..j0 + out.len() / m`: `out[jj * m + i] = x_i · w_(j0+jj)`.
+    /// The portable kernel of [`weight_rows_times_rows`].
     fn rows_times_weight_rows(w: RowsRef, k: usize, x: &[f32], m: usize, j0: usize, out: &mut [f32]) -> () = rows_times_weight_rows_portable
 );
 
@@ -713,11 +725,12 @@ mod tests {
         Ok(())
     }
 
-    /// The AVX2 kernels add each output's products in the portable kernel's order: f32 and bf16
-    /// weights give the same bits either way (int8 scales in another order, within rounding).
+    /// The intrinsics kernels add each output's products in the portable kernel's order: f32
+    /// and bf16 weights give the same bits either way (int8 scales in another order, within
+    /// rounding).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_kernels_equal_the_portable_kernel() -> Result<()> {
+    fn simd_kernels_equal_the_portable_kernel() -> Result<()> {
         assert!(avx2::available(), "this test needs a CPU with AVX2 and FMA");
         let dev = Device::Cpu;
         let (m, k, n) = (5, 96, 40);
@@ -726,21 +739,8 @@ mod tests {
         for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
             let mat = Matrix::new(w.clone(), format)?;
             let (mut portable, mut fast) = (vec![0f32; n * m], vec![0f32; n * m]);
-            // SAFETY: AVX2 and FMA were checked above; k is a multiple of 32.
-            match &mat.data {
-                MatrixData::F32(v) => {
-                    rows_times_weight_rows_portable(RowsRef::F32(v), k, &x, m, 0, &mut portable);
-                    unsafe { avx2::f32_weight_rows(v, k, &x, m, 0, &mut fast) };
-                }
-                MatrixData::Bf16(v) => {
-                    rows_times_weight_rows_portable(RowsRef::Bf16(v), k, &x, m, 0, &mut portable);
-                    unsafe { avx2::bf16_weight_rows(v, k, &x, m, 0, &mut fast) };
-                }
-                MatrixData::Q8 { values, scales } => {
-                    rows_times_weight_rows_portable(RowsRef::Q8(values, scales), k, &x, m, 0, &mut portable);
-                    unsafe { avx2::q8_weight_rows(values, scales, k, &x, m, 0, &mut fast) };
-                }
-            }
+            rows_times_weight_rows_portable(mat.rows_ref(), k, &x, m, 0, &mut portable);
+            weight_rows_times_rows(mat.rows_ref(), k, &x, m, 0, &mut fast);
             if format == WeightFormat::Q8 {
                 for (a, b) in portable.iter().zip(&fast) {
                     assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{format:?}: {a} vs {b}");
