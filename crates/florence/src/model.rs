@@ -4,7 +4,9 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::{Checkpoint, WeightFiles};
+use std::sync::{Arc, Mutex};
+
+use crate::checkpoint::{Checkpoint, InPlacePages, WeightFiles};
 use crate::config::{Florence2Config, Layout};
 use crate::error::{Error, Result};
 use crate::generation::StepDecoder;
@@ -22,6 +24,10 @@ pub struct Florence2 {
     vision_tower: DaViT,
     projector: ImageProjector,
     language_model: BartLanguageModel,
+    /// The language model's pages of the mapped checkpoint, populated once the first pass of
+    /// the vision tower is over: during it they would add to its peak of activations (measured:
+    /// peak RSS 1237 MB instead of 1080 for base when all pages were populated at load).
+    language_pages: Arc<Mutex<Option<InPlacePages>>>,
     device: Device,
 }
 
@@ -51,13 +57,17 @@ impl Florence2 {
         let matrices = |format| MatrixSource::new(format, Some(&checkpoint));
         let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), matrices(vision_weights)).map_err(wrap)?;
         let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
+        let vision_pages = checkpoint.take_in_place();
         let language_model = BartLanguageModel::new(&config.text, vb, matrices(language_weights)).map_err(wrap)?;
+        let language_pages = checkpoint.take_in_place();
+        vision_pages.populate_in_background();
         Ok(Self {
             config,
             layout,
             vision_tower,
             projector,
             language_model,
+            language_pages: Arc::new(Mutex::new(Some(language_pages))),
             device: device.clone(),
         })
     }
@@ -73,7 +83,11 @@ impl Florence2 {
 
     /// DaViT's last feature map, channel-last `[B, h, w, C]`.
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision_tower.forward(pixel_values)
+        let features = self.vision_tower.forward(pixel_values);
+        if let Some(pages) = self.language_pages.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            pages.populate_in_background();
+        }
+        features
     }
 
     /// Projects a DaViT feature map into language-model embeddings `[B, 1 + h*w, d_model]`.
