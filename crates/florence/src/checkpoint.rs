@@ -256,6 +256,8 @@ impl Checkpoint {
 /// Pages of a checkpoint's mapping that tensors used in place lie on.
 #[derive(Debug, Default)]
 pub struct InPlacePages {
+    // Read only where pages can be populated.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     files: Vec<(Arc<memmap2::Mmap>, Vec<std::ops::Range<usize>>)>,
 }
 

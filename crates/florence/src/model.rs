@@ -1,10 +1,10 @@
 //! The whole Florence-2 model: vision encoder, projector and language model, loaded from a
 //! checkpoint in either layout.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-
-use std::sync::{Arc, Mutex};
 
 use crate::checkpoint::{Checkpoint, InPlacePages, WeightFiles};
 use crate::config::{Florence2Config, Layout};
