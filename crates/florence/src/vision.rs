@@ -1,21 +1,23 @@
 //! DaViT, the dual-attention vision transformer of Florence-2 (spec §3).
 //!
-//! Between stages the feature map is NCHW for the patch-embedding convolutions; inside a stage
-//! it is kept channel-last, `[B, H, W, C]`, which is both the token layout the attention layers
-//! want and the layout the depthwise kernel runs fastest on.
+//! The feature map is kept channel-last, `[B, H, W, C]`, from the first convolution on: it is
+//! the token layout the attention layers want, and the layout the convolutions gather patches
+//! from fastest.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::nn::{gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource};
+use crate::nn::{
+    gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource, PatchConv,
+};
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
 #[derive(Debug, Clone)]
 struct ConvEmbed {
-    conv: candle_nn::Conv2d,
+    proj: PatchConv,
     norm: LayerNorm,
     pre_norm: bool,
 }
@@ -24,34 +26,19 @@ impl ConvEmbed {
     fn new(cfg: &VisionConfig, i: usize, vb: VarBuilder) -> Result<Self> {
         let in_ch = if i == 0 { 3 } else { cfg.dim_embed[i - 1] };
         let out_ch = cfg.dim_embed[i];
-        let conv_cfg = candle_nn::Conv2dConfig {
-            padding: cfg.patch_padding[i],
-            stride: cfg.patch_stride[i],
-            ..Default::default()
-        };
-        let conv = candle_nn::conv2d(in_ch, out_ch, cfg.patch_size[i], conv_cfg, vb.pp("proj"))?;
+        let (k, stride, padding) = (cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]);
+        let proj = PatchConv::new(in_ch, out_ch, k, stride, padding, vb.pp("proj"))?;
         let pre_norm = cfg.patch_prenorm[i];
         let norm = LayerNorm::new(if pre_norm { in_ch } else { out_ch }, vb.pp("norm"))?;
-        Ok(Self { conv, norm, pre_norm })
+        Ok(Self { proj, norm, pre_norm })
     }
 
-    /// NCHW (first stage) or `[B, H, W, C]` (later stages) in, `[B, H', W', C']` out.
-    fn forward(&self, x: &Tensor, channel_last: bool) -> Result<Tensor> {
-        let nchw = if channel_last {
-            let x = if self.pre_norm {
-                self.norm.forward(x)?
-            } else {
-                x.clone()
-            };
-            x.permute((0, 3, 1, 2))?.contiguous()?
-        } else {
-            x.clone()
-        };
-        let y = self.conv.forward(&nchw)?.permute((0, 2, 3, 1))?.contiguous()?;
+    /// `[B, H, W, C]` to `[B, H', W', C']`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.pre_norm {
-            Ok(y)
+            self.proj.forward(&self.norm.forward(x)?)
         } else {
-            self.norm.forward(&y)
+            self.norm.forward(&self.proj.forward(x)?)
         }
     }
 }
@@ -345,9 +332,9 @@ impl DaViT {
 
     /// `pixel_values` `[B, 3, H, W]` to the last stage's feature map, channel-last `[B, h, w, C]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let mut x = pixel_values.clone();
-        for (i, (conv, stage)) in self.convs.iter().zip(&self.blocks).enumerate() {
-            x = conv.forward(&x, i > 0)?;
+        let mut x = pixel_values.permute((0, 2, 3, 1))?.contiguous()?;
+        for (conv, stage) in self.convs.iter().zip(&self.blocks) {
+            x = conv.forward(&x)?;
             for (spatial, channel) in stage {
                 x = channel.forward(&spatial.forward(&x)?)?;
             }

@@ -1,10 +1,92 @@
-//! DaViT's depthwise 3x3 convolution, channel-last.
+//! DaViT's convolutions, channel-last: the depthwise 3x3 of its blocks and the strided patch
+//! embeddings between its stages.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::linear::{Linear, Matrix, WeightFormat};
+use super::with_f32;
 use crate::error::Result;
+
+/// A dense `k x k` convolution with stride and zero padding, on channel-last `[B, H, W, C]`
+/// maps: the patches are gathered into rows (`im2col`) and multiplied by the kernel with the
+/// linear layers' GEMM.
+///
+/// On DaViT's patch embeddings this takes about a third of the time of candle's NCHW
+/// convolution with the transposes around it (measured: 388 ms for the four at 768x768).
+#[derive(Debug, Clone)]
+pub struct PatchConv {
+    /// The kernel as `[out, k * k * in]`, patch-major (`(ky, kx, c)`), as the rows are gathered.
+    linear: Linear,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    in_channels: usize,
+}
+
+impl PatchConv {
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let w = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let w = w
+            .permute((0, 2, 3, 1))?
+            .reshape((out_channels, kernel * kernel * in_channels))?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self {
+            linear: Linear::from_weights(Matrix::new(w, WeightFormat::F32)?, Some(bias))?,
+            kernel,
+            stride,
+            padding,
+            in_channels,
+        })
+    }
+
+    /// `[B, H, W, in]` to `[B, H', W', out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        if c != self.in_channels {
+            return Err(crate::Error::usage(format!(
+                "a convolution of {} input channels got {c}",
+                self.in_channels
+            )));
+        }
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let patch = k * k * c;
+        let rows = with_f32(x, |src| {
+            let mut rows = vec![0f32; b * ho * wo * patch];
+            rows.par_chunks_mut(wo * patch).enumerate().for_each(|(by, out_row)| {
+                let (img, oy) = (by / ho, by % ho);
+                for (ox, dst) in out_row.chunks_exact_mut(patch).enumerate() {
+                    for ky in 0..k {
+                        // Taps outside the map stay zero (the padding).
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        for kx in 0..k {
+                            let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < w) else {
+                                continue;
+                            };
+                            let at = ((img * h + iy) * w + ix) * c;
+                            dst[(ky * k + kx) * c..][..c].copy_from_slice(&src[at..at + c]);
+                        }
+                    }
+                }
+            });
+            rows
+        })?;
+        let rows = Tensor::from_vec(rows, (b, ho, wo, patch), x.device())?;
+        self.linear.forward(&rows)
+    }
+}
 
 /// A 3x3 depthwise convolution with padding 1 and a bias, fused with its residual:
 /// `x + conv(x)`, on channel-last `[B, H, W, C]` maps (DaViT's `ConvPosEnc`).
@@ -129,6 +211,38 @@ mod tests {
         let expected = (nchw + conv)?.permute((0, 2, 3, 1))?;
         let diff = (ours - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    /// The channel-last patch convolution equals candle's NCHW `conv2d` plus bias, for the
+    /// stem's shape of kernel (7, stride 4, padding 3) and the later stages' (3, 2, 1), on maps
+    /// whose sides do not divide by the stride.
+    #[test]
+    fn patch_conv_matches_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        for (cin, cout, k, s, p, h, w) in [(3, 8, 7, 4, 3, 23, 18), (5, 6, 3, 2, 1, 9, 12)] {
+            let x = Tensor::randn(0f32, 1.0, (2, h, w, cin), &dev)?;
+            let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let vb = VarBuilder::from_tensors(
+                HashMap::from([
+                    ("weight".to_string(), weight.clone()),
+                    ("bias".to_string(), bias.clone()),
+                ]),
+                DType::F32,
+                &dev,
+            );
+            let ours = PatchConv::new(cin, cout, k, s, p, vb)?.forward(&x)?;
+            let expected = x
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+                .conv2d(&weight, p, s, 1, 1)?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?
+                .permute((0, 2, 3, 1))?;
+            assert_eq!(ours.dims(), expected.dims());
+            let diff = (ours - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "k{k} s{s}: max diff {diff}");
+        }
         Ok(())
     }
 }

@@ -6,8 +6,8 @@
 //! - `norm`: LayerNorm;
 //! - `activation`: GELU, softmax and the exponential they share;
 //! - `attention`: attention over whole sequences and for single decoding-step rows;
-//! - `conv`: the depthwise convolution that replaces candle's grouped convolution (about 75x
-//!   slower for 3x3 depthwise).
+//! - `conv`: channel-last convolutions: the depthwise one that replaces candle's grouped
+//!   convolution (about 75x slower for 3x3 depthwise), and the strided patch embeddings.
 
 use candle_core::{CpuStorage, Tensor};
 
@@ -45,7 +45,7 @@ pub use activation::softmax;
 pub(crate) use activation::{softmax_rows, sum_exp_below};
 pub use attention::attention;
 pub(crate) use attention::{attend_rows, HeadKv, Keys};
-pub use conv::DepthwiseConv3x3Residual;
+pub use conv::{DepthwiseConv3x3Residual, PatchConv};
 pub use linear::{Epilogue, F32Values, Linear, Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
 pub use norm::LayerNorm;
 
