@@ -92,7 +92,10 @@ pub struct CaptionArgs {
     /// Worker threads for the model (default: all cores).
     #[arg(long, value_name = "N", help_heading = "Performance")]
     pub threads: Option<usize>,
-    /// Images per forward pass.
+    /// Images per forward pass. The images of a batch share each decoding step's reads of the
+    /// weights, so larger batches caption folders faster, the more so the longer the captions
+    /// (measured on 2 cores at 32 tokens: 4 gave 12% more images/s than 1), for about 250 MB
+    /// more memory per image with Florence-2-base
     #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Performance")]
     batch_size: usize,
     #[command(flatten)]
