@@ -187,6 +187,15 @@ mod tests {
     use candle_core::Device;
     use std::collections::HashMap;
 
+    /// A `VarBuilder` holding a layer's `weight` and `bias`.
+    fn weights(weight: &Tensor, bias: &Tensor) -> VarBuilder<'static> {
+        let tensors = HashMap::from([
+            ("weight".to_string(), weight.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+    }
+
     /// The fused kernel equals `x + conv2d(x, groups = C)` computed by candle's reference conv.
     #[test]
     fn depthwise_matches_grouped_conv() -> Result<()> {
@@ -195,15 +204,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (b, h, w, c), &dev)?;
         let weight = Tensor::randn(0f32, 1.0, (c, 1, 3, 3), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, c, &dev)?;
-        let vb = VarBuilder::from_tensors(
-            HashMap::from([
-                ("weight".to_string(), weight.clone()),
-                ("bias".to_string(), bias.clone()),
-            ]),
-            DType::F32,
-            &dev,
-        );
-        let ours = DepthwiseConv3x3Residual::new(c, vb)?.forward(&x)?;
+        let ours = DepthwiseConv3x3Residual::new(c, weights(&weight, &bias))?.forward(&x)?;
         let nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
         let conv = nchw
             .conv2d(&weight, 1, 1, 1, c)?
@@ -224,15 +225,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, h, w, cin), &dev)?;
             let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
-            let vb = VarBuilder::from_tensors(
-                HashMap::from([
-                    ("weight".to_string(), weight.clone()),
-                    ("bias".to_string(), bias.clone()),
-                ]),
-                DType::F32,
-                &dev,
-            );
-            let ours = PatchConv::new(cin, cout, k, s, p, vb)?.forward(&x)?;
+            let ours = PatchConv::new(cin, cout, k, s, p, weights(&weight, &bias))?.forward(&x)?;
             let expected = x
                 .permute((0, 3, 1, 2))?
                 .contiguous()?
