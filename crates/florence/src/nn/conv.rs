@@ -13,8 +13,9 @@ use crate::error::Result;
 /// maps: the patches are gathered into rows (`im2col`) and multiplied by the kernel with the
 /// linear layers' GEMM.
 ///
-/// On DaViT's patch embeddings this takes about a third of the time of candle's NCHW
-/// convolution with the transposes around it (measured: 388 ms for the four at 768x768).
+/// On DaViT's patch embeddings this takes under half the time of candle's NCHW convolution
+/// with the transposes around it (measured on 2 cores: 180-187 ms against 400 ms for the four
+/// at 768x768).
 #[derive(Debug, Clone)]
 pub struct PatchConv {
     /// The kernel as `[out, k * k * in]`, patch-major (`(ky, kx, c)`), as the rows are gathered.
@@ -59,6 +60,11 @@ impl PatchConv {
             )));
         }
         let (k, s, p) = (self.kernel, self.stride, self.padding);
+        if h.min(w) + 2 * p < k {
+            return Err(crate::Error::usage(format!(
+                "a {h}x{w} map is smaller than the {k}x{k} convolution kernel"
+            )));
+        }
         let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
         let patch = k * k * c;
         let rows = with_f32(x, |src| {
