@@ -175,15 +175,15 @@ impl DecoderLayer {
     }
 
     /// One new token per row: `x` `[rows, d]` to `[rows, d]`. `self_starts[r]` are the offsets
-    /// in each head's cache of the entries row `r` attends to; `memory_starts` those of a head's
-    /// memory values. Rows come `rows_per_image` per image.
+    /// in each head's cache of the entries row `r` attends to; `memory_starts` (one list, shared by
+    /// all rows) those of a head's memory values. Rows come `rows_per_image` per image.
     fn step(
         &self,
         x: &[f32],
         (rows, rows_per_image): (usize, usize),
         state: &mut LayerState,
         self_starts: &[Vec<usize>],
-        memory_starts: &[usize],
+        memory_starts: &[Vec<usize>],
     ) -> Result<Vec<f32>> {
         let sa = &self.self_attn;
         let (heads, hd) = (sa.heads, sa.head_dim);
@@ -197,10 +197,10 @@ impl DecoderLayer {
             }
         }
         let (sk, sv) = (&state.self_k, &state.self_v);
-        let y = attend_rows(&q, heads, hd, 1, |r, h| HeadKv {
+        let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
             keys: Keys::Rows(&sk[h]),
             values: &sv[h],
-            starts: &self_starts[r],
+            starts: &self_starts[i * rows_per_image..][..rows_per_image],
         });
         let x = self
             .self_attn_layer_norm
@@ -209,7 +209,7 @@ impl DecoderLayer {
         // All beams of an image attend to the same memory keys and values.
         let ca = &self.encoder_attn;
         let q = ca.step_queries(&x, rows)?;
-        let head_len = memory_starts.len() * hd;
+        let head_len = memory_starts[0].len() * hd;
         let (ck, cv) = (&state.cross_k_t, &state.cross_v);
         let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
             keys: Keys::Transposed(&ck[(i * heads + h) * head_len..][..head_len]),
@@ -382,7 +382,13 @@ impl BartDecoder {
             .collect();
         debug_assert!(self_starts.iter().all(|s| s.len() == step + 1));
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            x = layer.step(&x, (rows, state.rows_per_image), ls, &self_starts, &state.memory_starts)?;
+            x = layer.step(
+                &x,
+                (rows, state.rows_per_image),
+                ls,
+                &self_starts,
+                std::slice::from_ref(&state.memory_starts),
+            )?;
         }
         state.position += 1;
         self.lm_head.forward_decode(&x, rows, Epilogue::None)
