@@ -197,6 +197,8 @@ impl DecoderLayer {
             }
         }
         let (sk, sv) = (&state.self_k, &state.self_v);
+        // An image's beams read the cache together (their slots sit side by side at each step),
+        // each through its own lineage.
         let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
             keys: Keys::Rows(&sk[h]),
             values: &sv[h],
