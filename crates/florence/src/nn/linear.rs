@@ -733,20 +733,26 @@ mod tests {
     fn simd_kernels_equal_the_portable_kernel() -> Result<()> {
         assert!(avx2::available(), "this test needs a CPU with AVX2 and FMA");
         let dev = Device::Cpu;
-        let (m, k, n) = (5, 96, 40);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?.flatten_all()?.to_vec1()?;
-        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
-            let mat = Matrix::new(w.clone(), format)?;
-            let (mut portable, mut fast) = (vec![0f32; n * m], vec![0f32; n * m]);
-            rows_times_weight_rows_portable(mat.rows_ref(), k, &x, m, 0, &mut portable);
-            weight_rows_times_rows(mat.rows_ref(), k, &x, m, 0, &mut fast);
-            if format == WeightFormat::Q8 {
-                for (a, b) in portable.iter().zip(&fast) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{format:?}: {a} vs {b}");
+        // Input rows in whole and partial groups, weight rows in pairs and with one left over.
+        for (m, n) in [(5, 40), (7, 41), (1, 3), (3, 1)] {
+            let k = 96;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?.flatten_all()?.to_vec1()?;
+            for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+                let mat = Matrix::new(w.clone(), format)?;
+                let (mut portable, mut fast) = (vec![0f32; n * m], vec![0f32; n * m]);
+                rows_times_weight_rows_portable(mat.rows_ref(), k, &x, m, 0, &mut portable);
+                weight_rows_times_rows(mat.rows_ref(), k, &x, m, 0, &mut fast);
+                if format == WeightFormat::Q8 {
+                    for (a, b) in portable.iter().zip(&fast) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                            "{format:?} {m}x{n}: {a} vs {b}"
+                        );
+                    }
+                } else {
+                    assert_eq!(portable, fast, "{format:?} {m}x{n}");
                 }
-            } else {
-                assert_eq!(portable, fast, "{format:?}");
             }
         }
         Ok(())

@@ -138,37 +138,73 @@ unsafe fn weight_rows<W: WeightRow>(
     out: &mut [f32],
 ) {
     assert!(k.is_multiple_of(16) && x.len() == m * k && out.len().is_multiple_of(m));
-    for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-        let w = row(j0 + jj);
-        // Up to four input rows share each load (and widening) of the weight row.
-        for (g, o) in o.chunks_mut(4).enumerate() {
-            let xs = x.as_ptr().add(g * 4 * k);
+    let rows = out.len() / m;
+    if m <= 4 {
+        // A decoding step of one image: bound by the weights' stream, read one row after the
+        // other so that each row's prefetch warms the next.
+        for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+            let xs = x.as_ptr();
+            let w = [row(j0 + jj)];
+            match m {
+                4 => dot::<4, 1, W>(w, k, xs, [o]),
+                3 => dot::<3, 1, W>(w, k, xs, [o]),
+                2 => dot::<2, 1, W>(w, k, xs, [o]),
+                _ => dot::<1, 1, W>(w, k, xs, [o]),
+            }
+        }
+        return;
+    }
+    // Batched steps are bound by the input loads instead: two weight rows at a time, three
+    // input rows per pass over them (twelve accumulators), so that each input load feeds two
+    // products. The sums are the same, bit for bit.
+    let mut pairs = out.chunks_exact_mut(2 * m);
+    for (p, o) in (&mut pairs).enumerate() {
+        let w = [row(j0 + 2 * p), row(j0 + 2 * p + 1)];
+        let (o0, o1) = o.split_at_mut(m);
+        for (g, (o0, o1)) in o0.chunks_mut(3).zip(o1.chunks_mut(3)).enumerate() {
+            let xs = x.as_ptr().add(g * 3 * k);
+            match o0.len() {
+                3 => dot::<3, 2, W>(w, k, xs, [o0, o1]),
+                2 => dot::<2, 2, W>(w, k, xs, [o0, o1]),
+                _ => dot::<1, 2, W>(w, k, xs, [o0, o1]),
+            }
+        }
+    }
+    let last = pairs.into_remainder();
+    if !last.is_empty() {
+        let w = [row(j0 + rows - 1)];
+        for (g, o) in last.chunks_mut(3).enumerate() {
+            let xs = x.as_ptr().add(g * 3 * k);
             match o.len() {
-                4 => dot::<4, W>(w, k, xs, o),
-                3 => dot::<3, W>(w, k, xs, o),
-                2 => dot::<2, W>(w, k, xs, o),
-                _ => dot::<1, W>(w, k, xs, o),
+                3 => dot::<3, 1, W>(w, k, xs, [o]),
+                2 => dot::<2, 1, W>(w, k, xs, [o]),
+                _ => dot::<1, 1, W>(w, k, xs, [o]),
             }
         }
     }
 }
 
-/// `out[r] = x_r · w` for the `R` rows of `xs` (each `k` long, `k` a multiple of 16) and the
-/// weight row `w`, each lane summed as the portable kernel sums it.
+/// `out[j][r] = x_r · w[j]` for the `R` rows of `xs` (each `k` long, `k` a multiple of 16) and
+/// the `J` weight rows `w`, each lane summed as the portable kernel sums it.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn dot<const R: usize, W: WeightRow>(w: W, k: usize, xs: *const f32, out: &mut [f32]) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+unsafe fn dot<const R: usize, const J: usize, W: WeightRow>(w: [W; J], k: usize, xs: *const f32, out: [&mut [f32]; J]) {
+    let mut acc = [[[_mm256_setzero_ps(); 2]; R]; J];
     for c in (0..k).step_by(16) {
-        let (a, b) = w.load16(c);
-        for (r, acc) in acc.iter_mut().enumerate() {
+        let ws = w.map(|w| w.load16(c));
+        for r in 0..R {
             let x = xs.add(r * k + c);
-            acc[0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc[0]);
-            acc[1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc[1]);
+            let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+            for (acc, (a, b)) in acc.iter_mut().zip(ws) {
+                acc[r][0] = _mm256_fmadd_ps(a, x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(b, x1, acc[r][1]);
+            }
         }
     }
-    for (o, [a, b]) in out.iter_mut().zip(acc) {
-        *o = reduce(_mm256_add_ps(a, b));
+    for (out, acc) in out.into_iter().zip(acc) {
+        for (o, [a, b]) in out.iter_mut().zip(acc) {
+            *o = reduce(_mm256_add_ps(a, b));
+        }
     }
 }
 
