@@ -142,17 +142,7 @@ unsafe fn weight_rows<W: WeightRow>(
     if m <= 4 {
         // A decoding step of one image: bound by the weights' stream, read one row after the
         // other so that each row's prefetch warms the next.
-        for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-            let xs = x.as_ptr();
-            let w = [row(j0 + jj)];
-            match m {
-                4 => dot::<4, 1, W>(w, k, xs, [o]),
-                3 => dot::<3, 1, W>(w, k, xs, [o]),
-                2 => dot::<2, 1, W>(w, k, xs, [o]),
-                _ => dot::<1, 1, W>(w, k, xs, [o]),
-            }
-        }
-        return;
+        return one_weight_row_at_a_time(&row, k, x, m, j0, out);
     }
     // Batched steps are bound by the input loads instead: two weight rows at a time, three
     // input rows per pass over them (twelve accumulators), so that each input load feeds two
@@ -162,25 +152,40 @@ unsafe fn weight_rows<W: WeightRow>(
         let w = [row(j0 + 2 * p), row(j0 + 2 * p + 1)];
         let (o0, o1) = o.split_at_mut(m);
         for (g, (o0, o1)) in o0.chunks_mut(3).zip(o1.chunks_mut(3)).enumerate() {
-            let xs = x.as_ptr().add(g * 3 * k);
-            match o0.len() {
-                3 => dot::<3, 2, W>(w, k, xs, [o0, o1]),
-                2 => dot::<2, 2, W>(w, k, xs, [o0, o1]),
-                _ => dot::<1, 2, W>(w, k, xs, [o0, o1]),
-            }
+            dot_group(w, k, x.as_ptr().add(g * 3 * k), [o0, o1]);
         }
     }
-    let last = pairs.into_remainder();
-    if !last.is_empty() {
-        let w = [row(j0 + rows - 1)];
-        for (g, o) in last.chunks_mut(3).enumerate() {
-            let xs = x.as_ptr().add(g * 3 * k);
-            match o.len() {
-                3 => dot::<3, 1, W>(w, k, xs, [o]),
-                2 => dot::<2, 1, W>(w, k, xs, [o]),
-                _ => dot::<1, 1, W>(w, k, xs, [o]),
-            }
+    one_weight_row_at_a_time(&row, k, x, m, j0 + rows / 2 * 2, pairs.into_remainder());
+}
+
+/// [`weight_rows`] one weight row after the other, by up to four input rows.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn one_weight_row_at_a_time<W: WeightRow>(
+    row: &impl Fn(usize) -> W,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+        let w = [row(j0 + jj)];
+        for (g, o) in o.chunks_mut(4).enumerate() {
+            dot_group(w, k, x.as_ptr().add(g * 4 * k), [o]);
         }
+    }
+}
+
+/// [`dot`] for as many input rows (one to four) as `out` has outputs per weight row.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_group<const J: usize, W: WeightRow>(w: [W; J], k: usize, xs: *const f32, out: [&mut [f32]; J]) {
+    match out[0].len() {
+        4 => dot::<4, J, W>(w, k, xs, out),
+        3 => dot::<3, J, W>(w, k, xs, out),
+        2 => dot::<2, J, W>(w, k, xs, out),
+        _ => dot::<1, J, W>(w, k, xs, out),
     }
 }
 
