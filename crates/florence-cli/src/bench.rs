@@ -67,6 +67,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn bench(a: BenchArgs) -> florence::Result<()> {
+    for (flag, value) in [
+        ("--runs", a.runs),
+        ("--batch-size", a.batch_size),
+        ("--new-tokens", a.new_tokens),
+    ] {
+        if value == 0 {
+            return Err(florence::Error::Usage(format!("{flag} must be at least 1")));
+        }
+    }
     let t = Instant::now();
     let model = Florence::load(&a.model, &a.precision.load_options())?;
     let load = t.elapsed();
@@ -112,7 +121,13 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         let search = generation - steps - timed.reorders;
         let per_step = ms(steps) / timed.steps.len().max(1) as f64;
         let total = t0.elapsed();
-        assert!(seqs.iter().all(|s| s.len() == a.new_tokens + 1));
+        if let Some(s) = seqs.iter().find(|s| s.len() != a.new_tokens + 1) {
+            return Err(florence::Error::Internal(format!(
+                "generated {} tokens, not the {} forced by --new-tokens",
+                s.len() - 1,
+                a.new_tokens
+            )));
+        }
         if run == 0 {
             println!(
                 "first run (cold)     {:9.1} ms  (vision {:.1} ms, decoder step {:.1} ms)",

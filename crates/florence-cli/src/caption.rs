@@ -1,17 +1,19 @@
 //! `florence caption`: images or whole folders in; captions printed, or written as sidecar files.
+//!
+//! The flags become a validated [`CaptionPlan`]; the plan builds the sinks and hands the work
+//! to the library's pipeline, which `eval` and `serve` share.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use clap::ValueEnum;
-use florence::dataset::{self, Existing, InputImage};
+use florence::pipeline::{
+    self, Captioned, ErrorLog, Existing, ManifestFormat, ManifestSink, ModelSource, Plan, Shard, SidecarSink, Sidecars,
+    Sink, SinkFailure,
+};
 use florence::preprocess::DecodeOptions;
-use florence::{Error, Florence, GenerationConfig, ImageProcessor, PreparedImage, RgbImage, Task};
-use serde_json::{json, Value};
+use florence::{Error, Florence, GenerationRequest, SamplingRequest, Task};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -33,12 +35,6 @@ pub enum ExistingArg {
     Append,
     /// Add the new caption before the existing one.
     Prepend,
-}
-
-/// What the loader thread hands over: resized too once the model's image size is known.
-enum Decoded {
-    Raw(RgbImage),
-    Prepared(PreparedImage),
 }
 
 #[derive(clap::Args)]
@@ -93,9 +89,8 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "N", help_heading = "Performance")]
     pub threads: Option<usize>,
     /// Images per forward pass. The images of a batch share each decoding step's reads of the
-    /// weights, so larger batches caption folders faster, the more so the longer the captions
-    /// (measured on 2 cores at 32 tokens: 4 gave 12% more images/s than 1), for about 250 MB
-    /// more memory per image with Florence-2-base
+    /// weights, so larger batches caption folders faster, the more so the longer the captions and
+    /// the more cores, at the cost of memory for each image's activations.
     #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Performance")]
     batch_size: usize,
     #[command(flatten)]
@@ -115,8 +110,11 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "FILE", help_heading = "Input")]
     files_from: Option<PathBuf>,
     /// Caption only shard I of N (0-based), e.g. --shard 3/8; shards split any input exactly.
-    #[arg(long, value_name = "I/N", value_parser = parse_shard, help_heading = "Input")]
-    shard: Option<(usize, usize)>,
+    /// Membership hashes each image's path relative to the folder it was found under (for files
+    /// named directly or listed in --files-from, the path as written), so machines that mount the
+    /// dataset at different places split it the same way.
+    #[arg(long, value_name = "I/N", help_heading = "Input")]
+    shard: Option<Shard>,
     /// Do not rotate photos by their EXIF orientation (transformers does not rotate them).
     #[arg(long, help_heading = "Input")]
     no_exif_orientation: bool,
@@ -157,387 +155,207 @@ pub struct CaptionArgs {
     quiet: bool,
 }
 
-fn parse_shard(s: &str) -> Result<(usize, usize), String> {
-    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
-    let i: usize = i
-        .trim()
-        .parse()
-        .map_err(|_| format!("shard index {i:?} is not a number"))?;
-    let n: usize = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("shard count {n:?} is not a number"))?;
-    if n == 0 || i >= n {
-        return Err(format!("shard {i}/{n}: the index must be below the count (0-based)"));
-    }
-    Ok((i, n))
-}
-
-fn generation_config(model: &Florence, a: &CaptionArgs) -> GenerationConfig {
-    let mut g = model.generation_config().clone();
-    if let Some(n) = a.num_beams {
-        g.num_beams = n;
-    }
-    if let Some(n) = a.max_new_tokens {
-        g.max_new_tokens = n;
-    }
-    if let Some(n) = a.min_new_tokens {
-        g.min_new_tokens = n;
-    }
-    if a.do_sample {
-        let mut s = g.sampling.clone().unwrap_or_default();
-        s.temperature = a.temperature.unwrap_or(s.temperature);
-        s.top_k = a.top_k.unwrap_or(s.top_k);
-        s.top_p = a.top_p.unwrap_or(s.top_p);
-        s.min_p = a.min_p.unwrap_or(s.min_p);
-        s.seed = a.seed;
-        g.sampling = Some(s);
-    } else {
-        g.sampling = None;
-    }
-    g
-}
-
-/// Where results go and how.
-struct Sink {
-    /// `Some(ext)` when captions are written to sidecar files.
-    sidecar_ext: Option<String>,
-    format: Option<Format>,
-    out: Box<dyn Write>,
-    errors: Option<std::fs::File>,
-    csv_header_written: bool,
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Usage(format!("{}: {e}", path.display()))
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+impl From<Format> for ManifestFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Text => ManifestFormat::Text,
+            Format::Jsonl => ManifestFormat::Jsonl,
+            Format::Csv => ManifestFormat::Csv,
+        }
     }
 }
 
-/// Counts for the final summary.
-#[derive(Default)]
-struct Tally {
-    captioned: usize,
-    skipped: usize,
-    failed: usize,
+impl From<ExistingArg> for Existing {
+    fn from(e: ExistingArg) -> Self {
+        match e {
+            ExistingArg::Skip => Existing::Skip,
+            ExistingArg::Overwrite => Existing::Overwrite,
+            ExistingArg::Append => Existing::Append,
+            ExistingArg::Prepend => Existing::Prepend,
+        }
+    }
 }
 
-fn report_failure(sink: &mut Sink, tally: &mut Tally, path: &Path, reason: &str, bar: &indicatif::ProgressBar) {
-    tally.failed += 1;
-    bar.suspend(|| eprintln!("error: {}: {reason}", path.display()));
-    if let Some(f) = &mut sink.errors {
-        let _ = writeln!(f, "{}", json!({ "path": path.to_string_lossy(), "error": reason }));
+/// The command's flags, checked and resolved into what to read, what to run and where results go.
+struct CaptionPlan {
+    pipeline: Plan,
+    inputs: Vec<PathBuf>,
+    recursive: bool,
+    shard: Option<Shard>,
+    /// `Some` when captions are written to files (folders, a list, --ext or --output-dir given).
+    sidecars: Option<Sidecars>,
+    /// The record of results: its format and file (standard output when `None`).
+    manifest: Option<(ManifestFormat, Option<PathBuf>)>,
+    /// Text records carry only the caption: one image given, printed.
+    bare: bool,
+    errors: Option<PathBuf>,
+    model: String,
+    offline: bool,
+    precision: crate::precision::PrecisionArgs,
+    quiet: bool,
+}
+
+impl CaptionArgs {
+    /// Validates the flags and decides the run.
+    fn plan(self) -> Result<CaptionPlan, Error> {
+        if self.batch_size == 0 {
+            return Err(Error::Usage("--batch-size must be at least 1".into()));
+        }
+        let mut inputs = self.inputs.clone();
+        if let Some(list) = &self.files_from {
+            inputs.extend(pipeline::read_list(list).map_err(|e| Error::Io {
+                path: list.clone(),
+                source: e,
+            })?);
+        }
+        let dataset_mode = self.ext.is_some()
+            || self.output_dir.is_some()
+            || self.files_from.is_some()
+            || self.inputs.iter().any(|p| p.is_dir());
+        let sidecars = dataset_mode.then(|| Sidecars {
+            ext: match self.ext.as_deref().unwrap_or(".txt") {
+                e if e.starts_with('.') => e.to_string(),
+                e => format!(".{e}"),
+            },
+            output_dir: self.output_dir.clone(),
+            existing: self.existing.into(),
+            separator: self.separator.clone(),
+        });
+        let format = match (dataset_mode, self.format) {
+            (false, f) => Some(f.unwrap_or(Format::Text)),
+            (true, None) if self.manifest.is_some() => Some(Format::Jsonl),
+            (true, f) => f,
+        };
+        let sampling = self.do_sample.then(|| SamplingRequest {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+        });
+        let pipeline = Plan {
+            task: Task::new(&self.task, self.text_input.as_deref())?,
+            generation: GenerationRequest {
+                num_beams: self.num_beams,
+                max_new_tokens: self.max_new_tokens,
+                min_new_tokens: self.min_new_tokens,
+                sampling,
+            },
+            decode: DecodeOptions {
+                exif_orientation: !self.no_exif_orientation,
+                max_pixels: self.max_pixels,
+            },
+            batch_size: self.batch_size,
+            prefix: self.prefix,
+            suffix: self.suffix,
+        };
+        Ok(CaptionPlan {
+            pipeline,
+            bare: self.inputs.len() == 1 && self.files_from.is_none() && !dataset_mode,
+            inputs,
+            recursive: self.recursive,
+            shard: self.shard,
+            sidecars,
+            manifest: format.map(|f| (f.into(), self.manifest)),
+            errors: self.errors,
+            model: self.model,
+            offline: self.offline,
+            precision: self.precision,
+            quiet: self.quiet,
+        })
+    }
+}
+
+/// The progress bar, and the failures on standard error.
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Sink for Progress {
+    fn captioned(&mut self, _: &Captioned) -> Result<(), SinkFailure> {
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    fn failed(&mut self, path: &Path, reason: &str) -> Result<(), Error> {
+        self.bar.suspend(|| eprintln!("error: {}: {reason}", path.display()));
+        self.bar.inc(1);
+        Ok(())
     }
 }
 
 /// Runs the command; `Ok(false)` when some image failed, `Err` for errors that stop the run.
-pub fn run(a: CaptionArgs, interrupted: Arc<AtomicBool>) -> Result<bool, Error> {
-    if a.batch_size == 0 {
-        return Err(Error::Usage("--batch-size must be at least 1".into()));
-    }
-    let task = Task::new(&a.task, a.text_input.as_deref())?;
+pub fn run(args: CaptionArgs, interrupted: &AtomicBool) -> Result<bool, Error> {
     let started = Instant::now();
+    let plan = args.plan()?;
+    let (images, unreadable) = pipeline::collect_images(&plan.inputs, plan.recursive);
+    let mut work = pipeline::plan_work(images, plan.shard, plan.sidecars.as_ref());
+    work.failures.splice(0..0, unreadable);
 
-    let mut inputs = a.inputs.clone();
-    if let Some(list) = &a.files_from {
-        inputs.extend(dataset::read_list(list).map_err(|e| io_err(list, e))?);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(policy) = &plan.sidecars {
+        sinks.push(Box::new(SidecarSink::new(policy.clone())));
     }
-    let dataset_mode =
-        a.ext.is_some() || a.output_dir.is_some() || a.files_from.is_some() || a.inputs.iter().any(|p| p.is_dir());
-    let sidecar_ext = dataset_mode.then(|| {
-        let e = a.ext.clone().unwrap_or_else(|| ".txt".into());
-        if e.starts_with('.') {
-            e
-        } else {
-            format!(".{e}")
-        }
-    });
-    let format = match (dataset_mode, a.format) {
-        (false, f) => Some(f.unwrap_or(Format::Text)),
-        (true, None) if a.manifest.is_some() => Some(Format::Jsonl),
-        (true, f) => f,
-    };
-    let out: Box<dyn Write> = match &a.manifest {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| io_err(p, e))?,
-        )),
-        None => Box::new(std::io::stdout()),
-    };
-    let errors = match &a.errors {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| io_err(p, e))?,
-        ),
-        None => None,
-    };
-    let mut sink = Sink {
-        sidecar_ext,
-        format,
-        out,
-        errors,
-        csv_header_written: false,
-    };
-    let mut tally = Tally::default();
-    let policy = match a.existing {
-        ExistingArg::Skip => Existing::Skip,
-        ExistingArg::Overwrite => Existing::Overwrite,
-        ExistingArg::Append => Existing::Append,
-        ExistingArg::Prepend => Existing::Prepend,
-    };
-
-    let (images, input_errors) = dataset::collect_images(&inputs, a.recursive);
-    let hidden = indicatif::ProgressBar::hidden();
-    for e in &input_errors {
-        report_failure(&mut sink, &mut tally, &e.path, &e.reason, &hidden);
+    if let Some((format, file)) = &plan.manifest {
+        let weights = plan.precision.describe();
+        let manifest = match file {
+            Some(path) => ManifestSink::to_file(*format, path, &plan.model, weights)?,
+            None => ManifestSink::new(
+                *format,
+                Box::new(std::io::stdout()),
+                "standard output",
+                &plan.model,
+                weights,
+            ),
+        };
+        sinks.push(Box::new(manifest.bare(plan.bare)));
     }
-    let mut work: Vec<(InputImage, Option<PathBuf>)> = Vec::new();
-    let mut claimed: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
-    for img in images {
-        let mine = a.shard.is_none_or(|(i, n)| dataset::in_shard(&img.path, i, n));
-        let sidecar = sink
-            .sidecar_ext
-            .as_ref()
-            .map(|ext| dataset::sidecar_path(&img, ext, a.output_dir.as_deref()));
-        if let Some(sc) = &sidecar {
-            // photo.jpg and photo.png would share photo.txt: the first in sorted order keeps it.
-            // Claims are made over the whole input, so every shard agrees on the owner.
-            if let Some(owner) = claimed.get(sc) {
-                if mine {
-                    let reason = format!(
-                        "its caption file {} is already the caption of {}; rename one of the two images",
-                        sc.display(),
-                        owner.display()
-                    );
-                    report_failure(&mut sink, &mut tally, &img.path, &reason, &hidden);
-                }
-                continue;
-            }
-            claimed.insert(sc.clone(), img.path.clone());
-        }
-        if !mine {
-            continue;
-        }
-        if let Some(sc) = &sidecar {
-            let _ = std::fs::remove_file(dataset::temp_path(sc)); // left by a killed run
-            if policy == Existing::Skip && sc.exists() {
-                tally.skipped += 1;
-                continue;
-            }
-        }
-        work.push((img, sidecar));
+    if let Some(path) = &plan.errors {
+        sinks.push(Box::new(ErrorLog::open(path)?));
     }
-
-    let bar = if a.quiet || work.is_empty() {
+    let bar = if plan.quiet || work.jobs.is_empty() {
         indicatif::ProgressBar::hidden()
     } else {
-        let b = indicatif::ProgressBar::new(work.len() as u64);
+        let b = indicatif::ProgressBar::new((work.jobs.len() + work.failures.len()) as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
                 .expect("valid template"),
         );
         b
     };
-    if !work.is_empty() {
-        // Decode images on a worker thread while the model runs.
-        let opts = DecodeOptions {
-            exif_orientation: !a.no_exif_orientation,
-            max_pixels: a.max_pixels,
-        };
-        let (tx, rx) = sync_channel::<(InputImage, Option<PathBuf>, Result<Decoded, String>)>(2 * a.batch_size);
-        let stop = interrupted.clone();
-        // Set once the model (and so its image size) is known; from then on the loader resizes too.
-        let processor: Arc<OnceLock<ImageProcessor>> = Arc::default();
-        let loader_processor = processor.clone();
-        let loader = std::thread::spawn(move || {
-            for (img, sidecar) in work {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let decoded = florence::preprocess::load_image_with(&img.path, &opts)
-                    .map(|rgb| match loader_processor.get() {
-                        Some(p) => Decoded::Prepared(p.prepare(&rgb)),
-                        None => Decoded::Raw(rgb),
-                    })
-                    .map_err(|e| match e {
-                        Error::Image { message, .. } => format!("cannot decode image: {message}"),
-                        Error::Io { source, .. } => format!("cannot read: {source}"),
-                        other => other.to_string(),
-                    });
-                if tx.send((img, sidecar, decoded)).is_err() {
-                    break;
-                }
-            }
-        });
+    sinks.push(Box::new(Progress { bar: bar.clone() }));
 
-        // The model is loaded when the first image decodes: a run with nothing left to caption
-        // (a finished rerun, or only broken files) does no model work at all.
-        let mut engine: Option<(Florence, GenerationConfig, Value)> = None;
-        let model_id = a.model.clone();
-        let single_input = a.inputs.len() == 1 && a.files_from.is_none();
-        let mut batch: Vec<(InputImage, Option<PathBuf>, PreparedImage)> = Vec::with_capacity(a.batch_size);
-        let process = |batch: &mut Vec<(InputImage, Option<PathBuf>, PreparedImage)>,
-                       engine: &Option<(Florence, GenerationConfig, Value)>,
-                       sink: &mut Sink,
-                       tally: &mut Tally|
-         -> Result<(), Error> {
-            let Some((model, gen, gen_json)) = engine else {
-                return Ok(());
-            };
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let (items, imgs): (Vec<(InputImage, Option<PathBuf>)>, Vec<PreparedImage>) = batch
-                .drain(..)
-                .map(|(img, sidecar, prepared)| ((img, sidecar), prepared))
-                .unzip();
-            let results = model.run_prepared(&imgs, &task, gen)?;
-            for ((img, sidecar), r) in items.into_iter().zip(results) {
-                let caption = match &r.result {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let caption = format!("{}{caption}{}", a.prefix, a.suffix);
-                if let Some(sc) = &sidecar {
-                    let old = std::fs::read_to_string(sc).ok();
-                    if let Some(text) = dataset::merge_caption(old.as_deref(), &caption, policy, &a.separator) {
-                        if let Err(e) = dataset::write_atomic(sc, format!("{text}\n").as_bytes()) {
-                            report_failure(
-                                sink,
-                                tally,
-                                &img.path,
-                                &format!("cannot write {}: {e}", sc.display()),
-                                &bar,
-                            );
-                            bar.inc(1);
-                            continue;
-                        }
-                    }
-                }
-                tally.captioned += 1;
-                bar.inc(1);
-                write_record(sink, &img, &task, &r, &caption, &model_id, gen_json, single_input)
-                    .map_err(|e| Error::Usage(format!("cannot write results: {e}")))?;
-            }
-            Ok(())
-        };
-        for (img, sidecar, decoded) in rx {
-            match decoded {
-                Ok(decoded) => {
-                    if engine.is_none() {
-                        bar.set_message("loading model");
-                        let offline = a.offline || florence::hub::offline_from_env();
-                        let dir = bar.suspend(|| florence::hub::resolve(&a.model, offline, !a.quiet))?;
-                        let model = Florence::load(&dir, &a.precision.load_options())?;
-                        let gen = generation_config(&model, &a);
-                        gen.validate(model.model.max_decoder_positions())?;
-                        let gen_json = json!({
-                            "num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens,
-                            "min_new_tokens": gen.min_new_tokens, "no_repeat_ngram_size": gen.no_repeat_ngram_size,
-                            "do_sample": gen.sampling.is_some(), "weights": a.precision.describe(),
-                        });
-                        let _ = processor.set(model.processor.clone());
-                        engine = Some((model, gen, gen_json));
-                        bar.set_message("");
-                    }
-                    let prepared = match decoded {
-                        Decoded::Prepared(p) => p,
-                        // Decoded before the model was known (the first few images).
-                        Decoded::Raw(rgb) => engine.as_ref().expect("loaded above").0.processor.prepare(&rgb),
-                    };
-                    batch.push((img, sidecar, prepared));
-                }
-                Err(reason) => {
-                    report_failure(&mut sink, &mut tally, &img.path, &reason, &bar);
-                    bar.inc(1);
-                }
-            }
-            if batch.len() == a.batch_size {
-                process(&mut batch, &engine, &mut sink, &mut tally)?;
-            }
-            if interrupted.load(Ordering::Relaxed) {
-                break;
-            }
-        }
-        if !interrupted.load(Ordering::Relaxed) {
-            process(&mut batch, &engine, &mut sink, &mut tally)?;
-        }
-        let _ = loader.join();
-    }
+    let load = || {
+        bar.set_message("loading model");
+        let offline = plan.offline || florence::hub::offline_from_env();
+        let dir = bar.suspend(|| florence::hub::resolve(&plan.model, offline, !plan.quiet))?;
+        let model = Florence::load(&dir, &plan.precision.load_options())?;
+        bar.set_message("");
+        Ok(model)
+    };
+    let mut sink_refs: Vec<&mut dyn Sink> = sinks.iter_mut().map(|s| &mut **s as &mut dyn Sink).collect();
+    let summary = pipeline::run(
+        &plan.pipeline,
+        work,
+        ModelSource::Lazy(Box::new(load)),
+        &mut sink_refs,
+        interrupted,
+    )?;
     bar.finish_and_clear();
-    sink.out
-        .flush()
-        .map_err(|e| Error::Usage(format!("cannot write results: {e}")))?;
+
     let secs = started.elapsed().as_secs_f64();
-    let stopped = interrupted.load(Ordering::Relaxed);
-    if !a.quiet && (dataset_mode || tally.failed > 0 || stopped) {
+    if !plan.quiet && (plan.sidecars.is_some() || summary.failed > 0 || summary.stopped) {
         eprintln!(
             "{}{} captioned, {} skipped, {} failed in {secs:.1} s ({:.2} images/s)",
-            if stopped { "interrupted: " } else { "" },
-            tally.captioned,
-            tally.skipped,
-            tally.failed,
-            tally.captioned as f64 / secs.max(1e-9),
+            if summary.stopped { "interrupted: " } else { "" },
+            summary.captioned,
+            summary.skipped,
+            summary.failed,
+            summary.captioned as f64 / secs.max(1e-9),
         );
     }
-    if stopped {
+    if summary.stopped {
         return Err(Error::Usage("interrupted; rerun the same command to resume".into()));
     }
-    Ok(tally.failed == 0)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_record(
-    sink: &mut Sink,
-    img: &InputImage,
-    task: &Task,
-    r: &florence::Output,
-    caption: &str,
-    model_id: &str,
-    gen: &Value,
-    single_input: bool,
-) -> std::io::Result<()> {
-    let path = img.path.to_string_lossy();
-    match sink.format {
-        None => Ok(()),
-        Some(Format::Jsonl) => {
-            let mut obj = json!({
-                "path": path, "task": task.name, "raw": r.raw, "ids": r.ids, "model": model_id, "generation": gen,
-            });
-            if r.result.is_string() {
-                obj["text"] = Value::String(caption.to_string());
-            } else {
-                obj["result"] = r.result.clone();
-            }
-            writeln!(sink.out, "{obj}")
-        }
-        Some(Format::Csv) => {
-            if !sink.csv_header_written {
-                writeln!(sink.out, "path,task,caption")?;
-                sink.csv_header_written = true;
-            }
-            writeln!(
-                sink.out,
-                "{},{},{}",
-                csv_field(&path),
-                csv_field(&task.name),
-                csv_field(caption)
-            )
-        }
-        Some(Format::Text) => {
-            if single_input && sink.sidecar_ext.is_none() {
-                writeln!(sink.out, "{caption}")
-            } else {
-                writeln!(sink.out, "{path}\t{caption}")
-            }
-        }
-    }
+    Ok(summary.failed == 0)
 }

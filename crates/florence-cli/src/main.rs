@@ -111,7 +111,7 @@ fn main() -> ExitCode {
                 }
                 eprintln!("\nstopping after the current batch (Ctrl-C again to quit now)");
             });
-            florence::on_pool_thread(|| caption::run(*a, interrupted))
+            florence::on_pool_thread(|| caption::run(*a, &interrupted))
         }),
         Command::Bench(b) => set_threads(b.threads)
             .and_then(|_| florence::on_pool_thread(|| bench::bench(b.args)))

@@ -441,3 +441,55 @@ fn unwritable_caption_is_reported_and_the_run_goes_on() {
     );
     assert!(temp_files(&data).is_empty(), "temporary files left behind");
 }
+
+/// Shard membership depends on each image's path inside the dataset, not on where the dataset
+/// is mounted or how its root is spelled: one copy named by an absolute path, another by a
+/// relative one from a different mount point, split the same way. Files that cannot be decoded
+/// show which shard took them (in --errors) without loading a model.
+#[test]
+fn shards_do_not_depend_on_where_the_dataset_is_mounted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..40).map(|i| format!("part{}/img_{i:02}.jpg", i % 3)).collect();
+    let (first, second) = (tmp.path().join("a/ds"), tmp.path().join("mnt/b/ds"));
+    for root in [&first, &second] {
+        for name in &names {
+            std::fs::create_dir_all(root.join(name).parent().unwrap()).unwrap();
+            std::fs::write(root.join(name), b"not an image").unwrap();
+        }
+    }
+    // The names each run logged, relative to the dataset root it was given.
+    let shard = |root: &Path, cwd: &Path, spelled: &str, shard: &str| -> BTreeSet<String> {
+        let errors = tmp.path().join(format!("errors-{}.jsonl", shard.replace('/', "-")));
+        let _ = std::fs::remove_file(&errors);
+        let o = Command::new(env!("CARGO_BIN_EXE_florence"))
+            .current_dir(cwd)
+            .args(["caption", "--model", "/nonexistent/model", "-r", spelled, "-q"])
+            .args(["--shard", shard, "--errors", s(&errors)])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&errors)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let p = PathBuf::from(v["path"].as_str().unwrap());
+                let p = if p.is_absolute() { p } else { cwd.join(p) };
+                p.strip_prefix(root).unwrap().to_string_lossy().into_owned()
+            })
+            .collect()
+    };
+    let mut union = BTreeSet::new();
+    for i in 0..2 {
+        let spec = format!("{i}/2");
+        let absolute = shard(&first, tmp.path(), s(&first), &spec);
+        let relative = shard(&second, &tmp.path().join("mnt/b"), "ds", &spec);
+        assert_eq!(absolute, relative, "shard {spec} differs between the two mounts");
+        assert!(
+            !absolute.is_empty() && absolute.len() < names.len(),
+            "shard {spec}: {absolute:?}"
+        );
+        union.extend(absolute);
+    }
+    assert_eq!(union, names.iter().cloned().collect::<BTreeSet<_>>());
+}

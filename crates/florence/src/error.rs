@@ -1,5 +1,7 @@
 //! One error type for the library: every variant says what went wrong and, where it can, which
-//! file and what to do about it, so the CLI prints it on one line.
+//! file and what to do about it, so the CLI prints it on one line. [`Error::kind`] says whose
+//! move it is: the caller's (bad input), nobody's (unsupported), the machine's, or ours (a bug),
+//! which is what a server needs to choose between 400 and 500.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +29,29 @@ pub enum Error {
     /// The tokenizer could not be loaded or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A valid request for something this build or this model does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Results could not be written (a full disk, a closed pipe).
+    #[error("{0}")]
+    Output(String),
+    /// An invariant of the library broke: a bug, not the caller's doing.
+    #[error("internal error: {0}; please report it")]
+    Internal(String),
+}
+
+/// Whose move an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller's input is wrong: a file, a model folder, a flag, a request. Fix the input
+    /// (a server answers 400).
+    Input,
+    /// The input is valid, but asks for something not supported (a server answers 501).
+    Unsupported,
+    /// The machine failed us: results could not be written (a server answers 503).
+    Environment,
+    /// A bug in this library (a server answers 500).
+    Internal,
 }
 
 fn file_prefix(file: &Option<PathBuf>) -> String {
@@ -45,6 +70,23 @@ impl From<candle_core::Error> for Error {
             e = *inner;
         }
         Error::Tensor(e)
+    }
+}
+
+impl Error {
+    /// Whose move this error is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. }
+            | Error::Config { .. }
+            | Error::Checkpoint { .. }
+            | Error::Image { .. }
+            | Error::Usage(_)
+            | Error::Tokenizer(_) => ErrorKind::Input,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Output(_) => ErrorKind::Environment,
+            Error::Tensor(_) | Error::Internal(_) => ErrorKind::Internal,
+        }
     }
 }
 
@@ -72,6 +114,15 @@ impl Error {
     }
     pub(crate) fn usage(message: impl Into<String>) -> Self {
         Error::Usage(message.into())
+    }
+    pub(crate) fn unsupported(message: impl Into<String>) -> Self {
+        Error::Unsupported(message.into())
+    }
+    pub(crate) fn output(message: impl Into<String>) -> Self {
+        Error::Output(message.into())
+    }
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(message.into())
     }
     /// Attaches the file a configuration error came from.
     pub(crate) fn in_file(self, path: &Path) -> Self {

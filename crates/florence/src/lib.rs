@@ -21,13 +21,13 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod dataset;
 pub mod error;
 pub mod generation;
 pub mod hub;
 pub mod language;
 pub mod model;
 pub mod nn;
+pub mod pipeline;
 pub mod preprocess;
 pub mod projector;
 pub mod tasks;
@@ -41,11 +41,11 @@ use serde::Deserialize;
 
 pub use config::{Florence2Config, Layout, PreprocessorConfig};
 pub use error::{Error, Result};
-pub use generation::{EarlyStopping, GenerationConfig, SamplingConfig};
+pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, SamplingConfig, SamplingRequest};
 pub use model::Florence2;
 pub use nn::WeightFormat;
 pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};
-pub use tasks::Task;
+pub use tasks::{Task, TaskResult};
 pub use tokenizer::FlorenceTokenizer;
 
 /// How to load a model. The default (f32 weights on the CPU) is exact with transformers.
@@ -75,8 +75,8 @@ pub struct Output {
     pub ids: Vec<u32>,
     /// `ids` decoded with special tokens kept (`batch_decode(ids, skip_special_tokens=False)`).
     pub raw: String,
-    /// The post-processed answer: a string for text tasks, an object for structured ones.
-    pub result: serde_json::Value,
+    /// The post-processed answer: text, or boxes, quadrilaterals or polygons in pixels.
+    pub result: TaskResult,
 }
 
 /// A loaded Florence-2 model with its tokenizer, image processor and default generation settings.

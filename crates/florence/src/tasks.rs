@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use regex::Regex;
-use serde_json::{json, Value};
+use serde::{Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
@@ -171,9 +171,80 @@ impl Task {
     }
 
     /// Parses the decoded generation (special tokens kept) for an image of `width` x `height`.
-    /// Returns a JSON string for text tasks and an object for structured ones.
-    pub fn post_process(&self, raw: &str, width: u32, height: u32) -> Value {
+    pub fn post_process(&self, raw: &str, width: u32, height: u32) -> TaskResult {
         post_process(self.post_process, raw, (width, height))
+    }
+}
+
+/// A task's answer for one image, coordinates in pixels of the original image. It serializes
+/// to the JSON of Microsoft's processor: a string for text tasks, an object for the others.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TaskResult {
+    /// The text of captioning, OCR and region-description tasks.
+    Text(String),
+    /// Boxes with a label each (detection, dense captions, grounding, region proposals).
+    Boxes {
+        /// `[x1, y1, x2, y2]` per box.
+        bboxes: Vec<Coords>,
+        /// One label per box (empty for region proposals).
+        labels: Vec<String>,
+    },
+    /// Text lines with their quadrilaterals (`<OCR_WITH_REGION>`).
+    Quads {
+        /// One text line per quadrilateral.
+        labels: Vec<String>,
+        /// `[x1, y1, ..., x4, y4]` per line.
+        quad_boxes: Vec<Coords>,
+    },
+    /// Polygons grouped by label (segmentation tasks).
+    Polygons {
+        /// One label per group.
+        labels: Vec<String>,
+        /// Per label, its polygons as `[x1, y1, x2, y2, ...]`.
+        polygons: Vec<Vec<Coords>>,
+    },
+    /// Boxes or polygons, whichever the model produced (`<OPEN_VOCABULARY_DETECTION>`).
+    BoxesOrPolygons {
+        /// `[x1, y1, x2, y2]` per box.
+        bboxes: Vec<Coords>,
+        /// One label per box.
+        bboxes_labels: Vec<String>,
+        /// Per label, its polygons.
+        polygons: Vec<Vec<Coords>>,
+        /// One label per polygon group.
+        polygons_labels: Vec<String>,
+    },
+}
+
+impl TaskResult {
+    /// The text, for text tasks.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            TaskResult::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskResult {
+    /// The text for text tasks, the JSON object for the others.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskResult::Text(t) => f.write_str(t),
+            other => f.write_str(&serde_json::to_string(other).map_err(|_| std::fmt::Error)?),
+        }
+    }
+}
+
+/// Coordinates in pixels, computed in float32 as the original processor does; written to JSON
+/// as the float64 values Python prints for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coords(pub Vec<f32>);
+
+impl Serialize for Coords {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|&x| x as f64))
     }
 }
 
@@ -368,44 +439,35 @@ fn polygons_of(text: &str, allow_empty: bool, size: (u32, u32)) -> Vec<(String, 
     out
 }
 
-fn floats(v: &[f32]) -> Value {
-    Value::Array(v.iter().map(|&x| json!(x as f64)).collect())
-}
-
 /// One box per entry, each labelled with its phrase (ASCII only, as the original keeps it).
-fn flat_boxes(phrases: impl IntoIterator<Item = (String, Vec<Vec<f32>>)>) -> (Vec<Value>, Vec<Value>) {
+fn flat_boxes(phrases: impl IntoIterator<Item = (String, Vec<Vec<f32>>)>) -> (Vec<Coords>, Vec<String>) {
     let (mut bboxes, mut labels) = (Vec::new(), Vec::new());
     for (label, boxes) in phrases {
         let label = ascii_only(&label);
         for b in boxes {
-            bboxes.push(floats(&b));
-            labels.push(Value::String(label.clone()));
+            bboxes.push(Coords(b));
+            labels.push(label.clone());
         }
     }
     (bboxes, labels)
 }
 
 /// One polygon group per phrase, with its label.
-fn polygon_groups(phrases: Vec<(String, Vec<Vec<f32>>)>) -> (Vec<Value>, Vec<Value>) {
+fn polygon_groups(phrases: Vec<(String, Vec<Vec<f32>>)>) -> (Vec<Vec<Coords>>, Vec<String>) {
     phrases
         .into_iter()
-        .map(|(label, polys)| {
-            (
-                Value::Array(polys.iter().map(|p| floats(p)).collect()),
-                Value::String(label),
-            )
-        })
+        .map(|(label, polys)| (polys.into_iter().map(Coords).collect(), label))
         .unzip()
 }
 
 /// Parses `raw` (decoded with special tokens) by `kind`; `size` is the original `(width, height)`.
-pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> Value {
+pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> TaskResult {
     let text = clean(raw);
     match kind {
-        PostProcess::PureText => Value::String(raw.replace("<s>", "").replace("</s>", "")),
+        PostProcess::PureText => TaskResult::Text(raw.replace("<s>", "").replace("</s>", "")),
         PostProcess::DescriptionWithBboxes | PostProcess::Bboxes => {
             let (bboxes, labels) = flat_boxes(phrases_with_boxes(&text, kind == PostProcess::Bboxes, size));
-            json!({ "bboxes": bboxes, "labels": labels })
+            TaskResult::Boxes { bboxes, labels }
         }
         PostProcess::PhraseGrounding => {
             // The blacklist is checked before non-ASCII characters are dropped, as in the original.
@@ -413,32 +475,37 @@ pub fn post_process(kind: PostProcess, raw: &str, size: (u32, u32)) -> Value {
                 .into_iter()
                 .filter(|(label, _)| !GROUNDING_BLACKLIST.contains(&label.as_str()));
             let (bboxes, labels) = flat_boxes(phrases);
-            json!({ "bboxes": bboxes, "labels": labels })
+            TaskResult::Boxes { bboxes, labels }
         }
         PostProcess::Ocr => {
             // Like the native processor, and unlike the original one, `</s>` and `<pad>` are
             // removed and labels stripped, so the first label does not start with "</s>".
             static OCR: OnceLock<Regex> = OnceLock::new();
             let re = OCR.get_or_init(|| Regex::new(&format!("(.+?){}", r"<loc_(\d+)>".repeat(8))).unwrap());
-            let (mut quads, mut labels) = (Vec::new(), Vec::new());
+            let (mut quad_boxes, mut labels) = (Vec::new(), Vec::new());
             for c in re.captures_iter(&text) {
                 let bins: Vec<u32> = (2..=9).map(|j| c[j].parse().unwrap_or(0)).collect();
-                quads.push(floats(&points(&bins, size)));
-                labels.push(Value::String(c[1].trim().to_string()));
+                quad_boxes.push(Coords(points(&bins, size)));
+                labels.push(c[1].trim().to_string());
             }
-            json!({ "quad_boxes": quads, "labels": labels })
+            TaskResult::Quads { labels, quad_boxes }
         }
         PostProcess::Polygons => {
             let (polygons, labels) = polygon_groups(polygons_of(&text, true, size));
-            json!({ "polygons": polygons, "labels": labels })
+            TaskResult::Polygons { labels, polygons }
         }
         PostProcess::DescriptionWithBboxesOrPolygons => {
-            let ((bboxes, bbox_labels), (polygons, polygon_labels)) = if raw.contains("<poly>") {
+            let ((bboxes, bboxes_labels), (polygons, polygons_labels)) = if raw.contains("<poly>") {
                 (Default::default(), polygon_groups(polygons_of(&text, false, size)))
             } else {
                 (flat_boxes(phrases_with_boxes(&text, false, size)), Default::default())
             };
-            json!({ "bboxes": bboxes, "bboxes_labels": bbox_labels, "polygons": polygons, "polygons_labels": polygon_labels })
+            TaskResult::BoxesOrPolygons {
+                bboxes,
+                bboxes_labels,
+                polygons,
+                polygons_labels,
+            }
         }
     }
 }

@@ -189,6 +189,59 @@ impl GenerationConfig {
     }
 }
 
+/// What a caller asks of generation on top of a model's own settings (flags, a request body):
+/// `None` keeps the model's value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationRequest {
+    /// Beams of beam search; 1 is greedy search.
+    pub num_beams: Option<usize>,
+    /// Most new tokens, counting the forced BOS and the final EOS.
+    pub max_new_tokens: Option<usize>,
+    /// EOS is banned until this many new tokens exist.
+    pub min_new_tokens: Option<usize>,
+    /// `Some` to sample, `None` to search deterministically (whatever the checkpoint says).
+    pub sampling: Option<SamplingRequest>,
+}
+
+/// Sampling settings a caller asks for; `None` keeps the model's value (or the default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingRequest {
+    /// Temperature of the softmax.
+    pub temperature: Option<f32>,
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    pub top_p: Option<f32>,
+    /// Relative probability floor.
+    pub min_p: Option<f32>,
+    /// Seed of the random generator.
+    pub seed: u64,
+}
+
+impl GenerationRequest {
+    /// The settings to generate with: `defaults` (a model's [`generation_config`]) with this
+    /// request's values over them. Check the result with [`GenerationConfig::validate`].
+    ///
+    /// [`generation_config`]: crate::Florence::generation_config
+    pub fn resolve(&self, defaults: &GenerationConfig) -> GenerationConfig {
+        let mut g = defaults.clone();
+        g.num_beams = self.num_beams.unwrap_or(g.num_beams);
+        g.max_new_tokens = self.max_new_tokens.unwrap_or(g.max_new_tokens);
+        g.min_new_tokens = self.min_new_tokens.unwrap_or(g.min_new_tokens);
+        g.sampling = self.sampling.as_ref().map(|r| {
+            let s = defaults.sampling.clone().unwrap_or_default();
+            SamplingConfig {
+                temperature: r.temperature.unwrap_or(s.temperature),
+                top_k: r.top_k.unwrap_or(s.top_k),
+                top_p: r.top_p.unwrap_or(s.top_p),
+                min_p: r.min_p.unwrap_or(s.min_p),
+                seed: r.seed,
+            }
+        });
+        g
+    }
+}
+
 /// A decoder that advances every row of a batch by one token.
 ///
 /// Rows are grouped by image: `rows_per_image` consecutive rows (the beams) belong to one image.
