@@ -78,29 +78,32 @@ pub(crate) unsafe fn gemm_f32(
     rhs_strides: (usize, usize),
     threads: usize,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_strides.1 as isize,
-        dst_strides.0 as isize,
-        false,
-        lhs.as_ptr(),
-        lhs_strides.1 as isize,
-        lhs_strides.0 as isize,
-        rhs.as_ptr(),
-        rhs_strides.1 as isize,
-        rhs_strides.0 as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        },
-    )
+    // SAFETY: the caller's promise: every index the shapes and strides reach is in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
 }
