@@ -60,10 +60,10 @@ impl Tier {
 /// The tier the kernels run at: the CPU's best, unless a test forced another.
 pub(crate) fn tier() -> Tier {
     #[cfg(test)]
-    let forced = forcing::forced();
-    #[cfg(not(test))]
-    let forced = None;
-    forced.unwrap_or_else(best)
+    if let Some(forced) = forcing::forced() {
+        return forced;
+    }
+    best()
 }
 
 /// The CPU's best tier.
