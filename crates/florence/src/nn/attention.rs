@@ -5,6 +5,7 @@ use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
 use super::activation::{softmax, softmax_rows_portable};
+use super::kernels::with_avx2;
 use crate::error::Result;
 
 /// Where a decoding step's attention finds one head's keys.

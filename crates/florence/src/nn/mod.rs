@@ -1,44 +1,28 @@
 //! Layers shared by the vision encoder and the language model, written for inference: the
 //! custom ops have no backward pass.
 //!
-//! - `linear`: weight matrices in f32, bf16 or int8, and linear layers with their GEMM and
-//!   decoding-step kernels;
+//! - `matrix`: weight matrices in f32, bf16 or int8, and where they come from;
+//! - `linear`: linear layers, with a GEMM for many rows and fused epilogues;
+//! - `kernels`: the decoding-step product for a few rows, in tiers of CPU features, and the
+//!   switch that runs the other layers' plain code compiled for AVX2;
 //! - `norm`: LayerNorm;
 //! - `activation`: GELU, softmax and the exponential they share;
 //! - `attention`: attention over whole sequences and for single decoding-step rows;
 //! - `conv`: channel-last convolutions: the depthwise one that replaces candle's grouped
-//!   convolution (about 75x slower for 3x3 depthwise), and the strided patch embeddings.
+//!   convolution, and the strided patch embeddings.
+//
+// candle's grouped convolution was about 75x slower for the 3x3 depthwise one.
 
 use candle_core::{CpuStorage, Tensor};
 
 use crate::error::Result;
 
-/// Defines `$name`, which runs `$portable` compiled for AVX2 + FMA when the CPU has them and
-/// as plain code otherwise (runtime dispatch keeps the binary portable).
-macro_rules! with_avx2 {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $portable:ident) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) -> $ret {
-                    $portable($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the features were just detected.
-                    return unsafe { fast($($arg),*) };
-                }
-            }
-            $portable($($arg),*)
-        }
-    };
-}
-
 mod activation;
 mod attention;
 mod conv;
+mod kernels;
 mod linear;
+mod matrix;
 mod norm;
 
 pub use activation::softmax;
@@ -46,7 +30,8 @@ pub(crate) use activation::{softmax_rows, sum_exp_below};
 pub use attention::attention;
 pub(crate) use attention::{attend_rows, HeadKv, Keys};
 pub use conv::{DepthwiseConv3x3Residual, PatchConv};
-pub use linear::{Epilogue, F32Values, Linear, Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
+pub use linear::{Epilogue, Linear};
+pub use matrix::{F32Values, Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
 pub use norm::LayerNorm;
 
 /// Calls `f` with the elements of `t`, an f32 CPU tensor, made contiguous first if needed.
@@ -93,29 +78,32 @@ pub(crate) unsafe fn gemm_f32(
     rhs_strides: (usize, usize),
     threads: usize,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_strides.1 as isize,
-        dst_strides.0 as isize,
-        false,
-        lhs.as_ptr(),
-        lhs_strides.1 as isize,
-        lhs_strides.0 as isize,
-        rhs.as_ptr(),
-        rhs_strides.1 as isize,
-        rhs_strides.0 as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        },
-    )
+    // SAFETY: the caller's promise: every index the shapes and strides reach is in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
 }

@@ -4,6 +4,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::kernels::with_avx2;
 use super::{lane_sum, with_f32};
 use crate::error::Result;
 
