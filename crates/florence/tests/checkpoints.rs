@@ -22,7 +22,7 @@ fn load(dir: &Path, strict: bool) -> florence::Result<Florence> {
 }
 
 fn load_err(dir: &Path, strict: bool) -> String {
-    let e = load(dir, strict).err().expect("the load is refused").to_string();
+    let e = load(dir, strict).expect_err("the load is refused").to_string();
     assert_eq!(e.lines().count(), 1, "one line: {e}");
     e
 }
