@@ -79,6 +79,9 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     let t = Instant::now();
     let model = Florence::load(&a.model, &a.precision.load_options())?;
     let load = t.elapsed();
+    for w in model.warnings() {
+        eprintln!("warning: {w}");
+    }
     let task = Task::new(&a.task, None)?;
     let mut gen = model.generation_config().clone();
     gen.num_beams = a.num_beams;

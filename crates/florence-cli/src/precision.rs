@@ -1,8 +1,9 @@
-//! `--dtype` and `--quantize`: how the model's weights are held in memory.
+//! `--dtype` and `--quantize`: how the model's weights are held in memory; `--strict`: whether
+//! weights the model does not use are refused.
 
 use florence::{LoadOptions, WeightFormat};
 
-/// Weight precision options shared by the subcommands that load a model.
+/// Model loading options shared by the subcommands that load a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrecisionArgs {
     /// Precision of the weights in memory. f32 is exact (token for token like transformers);
@@ -15,6 +16,10 @@ pub struct PrecisionArgs {
     /// encoder.
     #[arg(long, value_enum, help_heading = "Performance")]
     quantize: Option<Quantize>,
+    /// Refuse a model whose weights hold tensors its config.json does not use (a sign that the
+    /// two do not belong together) instead of warning. Missing tensors are always refused.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -42,6 +47,7 @@ impl PrecisionArgs {
         LoadOptions {
             vision_weights: vision,
             language_weights: language,
+            strict: self.strict,
             ..LoadOptions::default()
         }
     }

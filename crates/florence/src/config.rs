@@ -38,6 +38,9 @@ pub struct VisionConfig {
     pub max_pos_embeddings: usize,
     /// Rows of the cosine temporal embedding table.
     pub max_temporal_embeddings: usize,
+    /// Whether the attention `qkv` projections have a bias (native `qkv_bias`; Microsoft's
+    /// DaViT always has one).
+    pub qkv_bias: bool,
 }
 
 /// Hyper-parameters of the BART language model, plus the generation fields Microsoft stores in it.
@@ -144,6 +147,8 @@ struct RawVisionConfig {
     window_size: usize,
     #[serde(default = "d_mlp_ratio")]
     mlp_ratio: f64,
+    #[serde(default = "d_qkv_bias")]
+    qkv_bias: bool,
     projection_dim: Option<usize>,
     image_pos_embed: Option<RawPosEmbed>,
     visual_temporal_embedding: Option<RawTemporalEmbed>,
@@ -184,6 +189,9 @@ fn d_window() -> usize {
 }
 fn d_mlp_ratio() -> f64 {
     4.0
+}
+fn d_qkv_bias() -> bool {
+    true
 }
 
 impl Florence2Config {
@@ -238,6 +246,7 @@ impl Florence2Config {
                 .and_then(|p| p.max_temporal_embeddings)
                 .or(v.max_temporal_embeddings)
                 .unwrap_or(100),
+            qkv_bias: v.qkv_bias,
         };
         if let Some(src) = &v.image_feature_source {
             if src != &["spatial_avg_pool", "temporal_avg_pool"] {

@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// How the language model's weights (token embeddings and `lm_head` included) are held.
     pub language_weights: WeightFormat,
     pub device: Device,
+    /// Refuse a checkpoint with tensors the model does not use, instead of loading it with a
+    /// [warning](Florence::warnings). A tensor the model needs missing is refused either way.
+    pub strict: bool,
 }
 
 impl Default for LoadOptions {
@@ -64,6 +67,7 @@ impl Default for LoadOptions {
             vision_weights: WeightFormat::F32,
             language_weights: WeightFormat::F32,
             device: Device::Cpu,
+            strict: false,
         }
     }
 }
@@ -129,13 +133,7 @@ impl Florence {
     fn load_model(dir: &Path, config: Florence2Config, options: &LoadOptions) -> Result<(Florence2, GenerationConfig)> {
         let files = checkpoint::WeightFiles::discover(dir)?;
         let generation = Self::default_generation(&config, dir)?;
-        let model = Florence2::load(
-            config,
-            &files,
-            options.vision_weights,
-            options.language_weights,
-            &options.device,
-        )?;
+        let model = Florence2::load(config, &files, options)?;
         Ok((model, generation))
     }
 
@@ -182,6 +180,13 @@ impl Florence {
     /// The generation settings the checkpoint asks for.
     pub fn generation_config(&self) -> &GenerationConfig {
         &self.generation
+    }
+
+    /// What loading found wrong with the model folder without refusing it, one line each, for
+    /// the caller to show (the library prints nothing): tensors in the weights that the model
+    /// config.json describes does not use.
+    pub fn warnings(&self) -> &[String] {
+        self.model.warnings()
     }
 
     /// The model directory.

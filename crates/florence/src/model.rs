@@ -11,9 +11,10 @@ use crate::config::{Florence2Config, Layout};
 use crate::error::{Error, Result};
 use crate::generation::StepDecoder;
 use crate::language::{BartLanguageModel, DecoderState};
-use crate::nn::{MatrixSource, WeightFormat};
+use crate::nn::MatrixSource;
 use crate::projector::ImageProjector;
 use crate::vision::DaViT;
+use crate::LoadOptions;
 
 /// Florence-2 for conditional generation.
 #[derive(Debug, Clone)]
@@ -29,22 +30,30 @@ pub struct Florence2 {
     /// peak RSS 1237 MB instead of 1080 for base when all pages were populated at load).
     language_pages: Arc<Mutex<Option<InPlacePages>>>,
     device: Device,
+    /// See [`warnings`](Self::warnings).
+    warnings: Vec<String>,
 }
 
 impl Florence2 {
     /// Loads the weights of `files` for `config`, holding the weight matrices of the vision
-    /// tower and of the language model in the given formats (computation is f32 throughout).
-    pub fn load(
-        config: Florence2Config,
-        files: &WeightFiles,
-        vision_weights: WeightFormat,
-        language_weights: WeightFormat,
-        device: &Device,
-    ) -> Result<Self> {
-        let checkpoint = Checkpoint::open(files)?;
+    /// tower and of the language model in the formats `options` asks for (computation is f32
+    /// throughout). The files are first checked against the config: a tensor it needs is
+    /// missing, or (with `options.strict`) one it does not use is present, is an error; unused
+    /// tensors otherwise become a [warning](Self::warnings).
+    pub fn load(config: Florence2Config, files: &WeightFiles, options: &LoadOptions) -> Result<Self> {
+        let mut checkpoint = Checkpoint::open(files)?;
+        let warning = checkpoint.check(&config, options.strict)?;
+        let mut model = Self::build(config, &checkpoint, options)?;
+        model.warnings.extend(warning);
+        Ok(model)
+    }
+
+    /// Builds the model from the tensors of a checked `checkpoint`.
+    pub(crate) fn build(config: Florence2Config, checkpoint: &Checkpoint, options: &LoadOptions) -> Result<Self> {
+        let device = &options.device;
         let layout = checkpoint.layout;
         let path = checkpoint.path().to_path_buf();
-        let vb = VarBuilder::from_backend(Box::new(&checkpoint), DType::F32, device.clone());
+        let vb = VarBuilder::from_backend(Box::new(checkpoint), DType::F32, device.clone());
         let wrap = |e: Error| match e {
             Error::Tensor(t) => Error::checkpoint(
                 &path,
@@ -54,11 +63,13 @@ impl Florence2 {
             ),
             other => other,
         };
-        let matrices = |format| MatrixSource::new(format, Some(&checkpoint));
-        let vision_tower = DaViT::new(&config.vision, vb.pp("vision_tower"), matrices(vision_weights)).map_err(wrap)?;
+        let matrices = |format| MatrixSource::new(format, Some(checkpoint));
+        let vision_tower =
+            DaViT::new(&config.vision, vb.pp("vision_tower"), matrices(options.vision_weights)).map_err(wrap)?;
         let projector = ImageProjector::new(&config.vision, vb.clone()).map_err(wrap)?;
         let vision_pages = checkpoint.take_in_place();
-        let language_model = BartLanguageModel::new(&config.text, vb, matrices(language_weights)).map_err(wrap)?;
+        let language_model =
+            BartLanguageModel::new(&config.text, vb, matrices(options.language_weights)).map_err(wrap)?;
         let language_pages = checkpoint.take_in_place();
         vision_pages.populate_in_background();
         Ok(Self {
@@ -69,7 +80,14 @@ impl Florence2 {
             language_model,
             language_pages: Arc::new(Mutex::new(Some(language_pages))),
             device: device.clone(),
+            warnings: Vec::new(),
         })
+    }
+
+    /// What loading found wrong with the checkpoint without refusing it, one line each (tensors
+    /// the model does not use), for the caller to show.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn device(&self) -> &Device {
