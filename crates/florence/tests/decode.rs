@@ -5,9 +5,9 @@
 //! `FLORENCE_CUTS_DIR=/tmp/cuts cargo test -p florence --test decode -- --ignored write_cuts`,
 //! then `python tools/reference/truncation_verdicts.py /tmp/cuts`.
 //!
-//! Before the fix, the JPEG cuts inside the scan, the WebP missing its last byte and the GIF
-//! missing its LZW end code all decoded without a word; the other cuts failed with the decoder's
-//! own message.
+//! Before the fix, the JPEG cuts inside the scan, the WebP missing its last byte, the GIF missing
+//! its LZW end code and the TIFF cut in a tag value the decoder skips all decoded without a word;
+//! the other cuts failed with the decoder's own message.
 
 use florence::preprocess::{decode_image, DecodeOptions, ImageProcessor, RgbImage};
 use florence::PreprocessorConfig;
@@ -199,6 +199,61 @@ fn jpeg_eoi_inside_a_comment_does_not_hide_a_cut() {
     assert!(err.starts_with("the file is truncated"), "{err}");
 }
 
+/// A 2x2 RGB TIFF laid out as some writers do: IFD first, then the bit depths, the pixels and
+/// last the value of a DocumentName tag, which the tiff crate never reads.
+fn tiff_with_document_name() -> Vec<u8> {
+    let mut b = b"II\x2A\x00\x08\x00\x00\x00".to_vec();
+    let entries: [(u16, u16, u32, u32); 10] = [
+        (256, 3, 1, 2),    // ImageWidth
+        (257, 3, 1, 2),    // ImageLength
+        (258, 3, 3, 134),  // BitsPerSample, out of line
+        (259, 3, 1, 1),    // Compression: none
+        (262, 3, 1, 2),    // PhotometricInterpretation: RGB
+        (269, 2, 13, 152), // DocumentName, out of line, at the end
+        (273, 4, 1, 140),  // StripOffsets
+        (277, 3, 1, 3),    // SamplesPerPixel
+        (278, 3, 1, 2),    // RowsPerStrip
+        (279, 4, 1, 12),   // StripByteCounts
+    ];
+    b.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, typ, count, value) in entries {
+        for field in [
+            &tag.to_le_bytes()[..],
+            &typ.to_le_bytes(),
+            &count.to_le_bytes(),
+            &value.to_le_bytes(),
+        ] {
+            b.extend_from_slice(field);
+        }
+    }
+    b.extend_from_slice(&[0; 4]); // no next IFD
+    assert_eq!(b.len(), 134);
+    b.extend_from_slice(&[8, 0, 8, 0, 8, 0]);
+    b.extend((0..12).map(|i| i * 20));
+    b.extend_from_slice(b"cut-here.tif\0");
+    b
+}
+
+#[test]
+fn tiff_cut_in_a_tag_the_decoder_skips_is_truncated() {
+    // PIL stops reading the IFD at the cut value and, without the tags after it, cannot identify
+    // the file; the tiff crate decoded it without a word.
+    let bytes = tiff_with_document_name();
+    let whole = decode_image(&bytes, &DecodeOptions::default()).unwrap();
+    assert_eq!(whole.data(), (0..12).map(|i| i * 20).collect::<Vec<u8>>());
+    let cut = &bytes[..bytes.len() - 1];
+    let err = decode_image(cut, &DecodeOptions::default()).unwrap_err();
+    assert!(
+        err.starts_with("the file is truncated (164 bytes)") && err.contains("--allow-truncated"),
+        "{err}"
+    );
+    let lenient = DecodeOptions {
+        allow_truncated: true,
+        ..DecodeOptions::default()
+    };
+    assert_eq!(decode_image(cut, &lenient).unwrap(), whole);
+}
+
 #[test]
 fn rgb_image_refuses_a_buffer_that_does_not_match_its_size() {
     // Once `RgbImage { width: 2, height: 2, data: vec![0; 5] }`, which made `pixel_values` panic.
@@ -234,4 +289,7 @@ fn write_cuts() {
             std::fs::write(dir.join(format!("{}.{refuses}.{ext}", c.name)), &bytes[..c.len]).unwrap();
         }
     }
+    let tiff = tiff_with_document_name();
+    std::fs::write(dir.join("whole-with-name.tiff"), &tiff).unwrap();
+    std::fs::write(dir.join("name-value.refuses.tiff"), &tiff[..tiff.len() - 1]).unwrap();
 }

@@ -5,8 +5,9 @@
 //! `UnexpectedEof`, the decoders' own signal, which [`is_eof`] recognizes. The JPEG, WebP and GIF
 //! decoders instead return an image for some cuts and say nothing: zune-jpeg fills the missing
 //! rows with grey, image-webp ignores a missing last byte, and the gif crate stops once the
-//! frame's pixels are filled, without its LZW end code. [`is_cut_short`] finds those cuts from the
-//! file's own structure, which the decoders do not expose.
+//! frame's pixels are filled, without its LZW end code; the tiff crate, which reads only the tags
+//! it needs, misses a cut through the others' values when the IFD comes last. [`is_cut_short`]
+//! finds those cuts from the file's own structure, which the decoders do not expose.
 
 use image::{ImageError, ImageFormat};
 
@@ -22,6 +23,7 @@ pub(super) fn is_cut_short(format: ImageFormat, bytes: &[u8]) -> bool {
         ImageFormat::Jpeg => !jpeg_reaches_eoi(bytes),
         ImageFormat::WebP => webp_riff_is_short(bytes),
         ImageFormat::Gif => !gif_first_image_complete(bytes),
+        ImageFormat::Tiff => !tiff_first_ifd_complete(bytes),
         _ => false,
     }
 }
@@ -102,6 +104,53 @@ fn gif_first_image_complete(b: &[u8]) -> bool {
                 _ => return Some(()),
             }
         }
+    };
+    walk().is_some()
+}
+
+/// Whether a TIFF's first IFD, its entries' out-of-line values and its next-IFD offset all lie in
+/// the file. PIL stops reading an IFD at the first value cut short and refuses the file when a
+/// tag it needs came after it; the tiff crate fails on a cut strip itself.
+fn tiff_first_ifd_complete(b: &[u8]) -> bool {
+    let walk = || -> Option<()> {
+        let big_endian = b.get(..2)? == b"MM";
+        let uint = |at: usize, size: usize| -> Option<u64> {
+            let bytes = b.get(at..at.checked_add(size)?)?;
+            let fold = |v: u64, &x: &u8| (v << 8) | x as u64;
+            Some(if big_endian {
+                bytes.iter().fold(0, fold)
+            } else {
+                bytes.iter().rev().fold(0, fold)
+            })
+        };
+        // Classic TIFF: 2-byte entry count, 12-byte entries, 4-byte counts and offsets;
+        // BigTIFF (version 43): 8, 20 and 8.
+        let (count_size, word, ifd) = match uint(2, 2)? {
+            43 => (8, 8, uint(8, 8)?),
+            _ => (2, 4, uint(4, 4)?),
+        };
+        let ifd = usize::try_from(ifd).ok()?;
+        let entries = usize::try_from(uint(ifd, count_size)?).ok()?;
+        let (first, entry_size) = (ifd + count_size, 4 + 2 * word);
+        // The entries, then the next IFD's offset.
+        let end = entries.checked_mul(entry_size)?.checked_add(first + word)?;
+        if end > b.len() {
+            return None;
+        }
+        for e in (0..entries).map(|i| first + i * entry_size) {
+            let unit: u64 = match uint(e + 2, 2)? {
+                1 | 2 | 6 | 7 => 1,
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                5 | 10 | 12 | 16..=18 => 8,
+                _ => continue, // an unknown type, which readers skip
+            };
+            let size = uint(e + 4, word)?.checked_mul(unit)?;
+            if size > word as u64 && uint(e + 4 + word, word)?.checked_add(size)? > b.len() as u64 {
+                return None;
+            }
+        }
+        Some(())
     };
     walk().is_some()
 }
