@@ -203,7 +203,7 @@ fn messy_folder_is_captioned_safely_and_resumably() {
     // EXIF orientation is applied: the rotated copy decodes with its sides swapped.
     let plain = florence::preprocess::load_image(&data.join("b/photo.jpg")).unwrap();
     let rotated = florence::preprocess::load_image(&data.join("b/rotated.jpg")).unwrap();
-    assert_eq!((rotated.width, rotated.height), (plain.height, plain.width));
+    assert_eq!((rotated.width(), rotated.height()), (plain.height(), plain.width()));
 
     let errors = tmp.path().join("errors.jsonl");
     let mut args = vec![

@@ -63,6 +63,16 @@ impl Mlp {
     }
 }
 
+/// The token mixer of a DaViT block, read from `{NAME}.fn` (its norm is `{NAME}.norm`).
+trait Attention: Sized {
+    /// The mixer's name in the checkpoint: `window_attn` or `channel_attn`.
+    const NAME: &'static str;
+    /// Wraps the loaded `qkv` and `proj` projections with stage `stage`'s head or group count.
+    fn new(qkv: Linear, proj: Linear, cfg: &VisionConfig, stage: usize) -> Self;
+    /// `residual + attention(x)`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor>;
+}
+
 /// Multi-head self-attention inside non-overlapping windows, without position bias.
 #[derive(Debug, Clone)]
 struct WindowAttention {
@@ -72,11 +82,19 @@ struct WindowAttention {
     window: usize,
 }
 
-impl WindowAttention {
+impl Attention for WindowAttention {
+    const NAME: &'static str = "window_attn";
+    fn new(qkv: Linear, proj: Linear, cfg: &VisionConfig, stage: usize) -> Self {
+        Self {
+            qkv,
+            proj,
+            heads: cfg.num_heads[stage],
+            window: cfg.window_size,
+        }
+    }
     /// Equals the reference's pad / partition / attend / merge / crop, without materializing
     /// windows: the projections run on the real tokens only, and each window's scores live in a
     /// small per-task buffer instead of one `[windows, heads, N, N]` tensor (85 MB at stage 0).
-    /// `residual + attention(x)`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let qkv = self.qkv.forward(x)?;
@@ -183,8 +201,15 @@ struct ChannelAttention {
     groups: usize,
 }
 
-impl ChannelAttention {
-    /// `residual + attention(x)`.
+impl Attention for ChannelAttention {
+    const NAME: &'static str = "channel_attn";
+    fn new(qkv: Linear, proj: Linear, cfg: &VisionConfig, stage: usize) -> Self {
+        Self {
+            qkv,
+            proj,
+            groups: cfg.num_groups[stage],
+        }
+    }
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let qkv = self.qkv.forward(x)?;
@@ -227,39 +252,34 @@ fn channel_attention(qkv: &[f32], (b, n, c): (usize, usize, usize), groups: usiz
     out
 }
 
+/// A DaViT block: `conv1`, attention, `conv2`, MLP, each with a residual. The spatial and channel
+/// blocks differ only in their attention.
 #[derive(Debug, Clone)]
-enum Mixer {
-    Window(WindowAttention),
-    Channel(ChannelAttention),
-}
-
-/// One spatial or channel block: `conv1`, attention, `conv2`, MLP, each with a residual.
-#[derive(Debug, Clone)]
-struct DualBlock {
+struct Block<A> {
     conv1: DepthwiseConv3x3Residual,
     norm1: LayerNorm,
-    mixer: Mixer,
+    attn: A,
     conv2: DepthwiseConv3x3Residual,
     norm2: LayerNorm,
     ffn: Mlp,
 }
 
-impl DualBlock {
-    fn new(
-        dim: usize,
-        mlp_hidden: usize,
-        mixer_name: &str,
-        mixer_of: impl FnOnce(Linear, Linear) -> Mixer,
-        vb: VarBuilder,
-        weights: MatrixSource,
-    ) -> Result<Self> {
-        let attn = vb.pp(mixer_name);
+/// Window attention's block (`spatial_block`, Microsoft's and timm's `SpatialBlock`).
+type SpatialBlock = Block<WindowAttention>;
+/// Channel attention's block (`channel_block`, Microsoft's and timm's `ChannelBlock`).
+type ChannelBlock = Block<ChannelAttention>;
+
+impl<A: Attention> Block<A> {
+    fn new(cfg: &VisionConfig, stage: usize, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
+        let dim = cfg.dim_embed[stage];
+        let mlp_hidden = (dim as f64 * cfg.mlp_ratio) as usize;
+        let attn = vb.pp(A::NAME);
         let qkv = Linear::new(dim, 3 * dim, attn.pp("fn").pp("qkv"), weights)?;
         let proj = Linear::new(dim, dim, attn.pp("fn").pp("proj"), weights)?;
         Ok(Self {
             conv1: DepthwiseConv3x3Residual::new(dim, vb.pp("conv1").pp("fn").pp("dw"))?,
             norm1: LayerNorm::new(dim, attn.pp("norm"))?,
-            mixer: mixer_of(qkv, proj),
+            attn: A::new(qkv, proj, cfg, stage),
             conv2: DepthwiseConv3x3Residual::new(dim, vb.pp("conv2").pp("fn").pp("dw"))?,
             norm2: LayerNorm::new(dim, vb.pp("ffn").pp("norm"))?,
             ffn: Mlp::new(dim, mlp_hidden, vb.pp("ffn").pp("fn").pp("net"), weights)?,
@@ -268,76 +288,66 @@ impl DualBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.conv1.forward(x)?;
-        let normed = self.norm1.forward(&x)?;
-        let x = match &self.mixer {
-            Mixer::Window(a) => a.forward_residual(&normed, &x)?,
-            Mixer::Channel(a) => a.forward_residual(&normed, &x)?,
-        };
+        let x = self.attn.forward_residual(&self.norm1.forward(&x)?, &x)?;
         let x = self.conv2.forward(&x)?;
         self.ffn.forward_residual(&self.norm2.forward(&x)?, &x)
+    }
+}
+
+/// One DaViT stage: its patch embedding (`convs.{s}`), then its block pairs (`blocks.{s}.{b}`).
+#[derive(Debug, Clone)]
+struct Stage {
+    conv: ConvEmbed,
+    /// `(spatial_block, channel_block)` pairs, in order.
+    blocks: Vec<(SpatialBlock, ChannelBlock)>,
+}
+
+impl Stage {
+    /// Loads stage `s` from `vision_tower` (`vb`).
+    fn new(cfg: &VisionConfig, s: usize, vb: &VarBuilder, weights: MatrixSource) -> Result<Self> {
+        let conv = ConvEmbed::new(cfg, s, vb.pp("convs").pp(s))?;
+        let blocks = (0..cfg.depths[s])
+            .map(|b| {
+                let vb = vb.pp("blocks").pp(s).pp(b);
+                Ok((
+                    SpatialBlock::new(cfg, s, vb.pp("spatial_block"), weights)?,
+                    ChannelBlock::new(cfg, s, vb.pp("channel_block"), weights)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { conv, blocks })
+    }
+
+    /// `[B, H, W, C]` to `[B, H', W', C']`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.conv.forward(x)?;
+        for (spatial, channel) in &self.blocks {
+            x = channel.forward(&spatial.forward(&x)?)?;
+        }
+        Ok(x)
     }
 }
 
 /// The DaViT backbone (`vision_tower`), without its classification head.
 #[derive(Debug, Clone)]
 pub struct DaViT {
-    convs: Vec<ConvEmbed>,
-    /// Per stage, the (spatial, channel) block pairs in order.
-    blocks: Vec<Vec<(DualBlock, DualBlock)>>,
+    stages: Vec<Stage>,
 }
 
 impl DaViT {
     /// Loads `vision_tower.*`, holding the attention and MLP weights in `weights.format`.
     pub fn new(cfg: &VisionConfig, vb: VarBuilder, weights: MatrixSource) -> Result<Self> {
-        let mut convs = Vec::new();
-        let mut blocks = Vec::new();
-        for i in 0..cfg.dim_embed.len() {
-            convs.push(ConvEmbed::new(cfg, i, vb.pp("convs").pp(i))?);
-            let dim = cfg.dim_embed[i];
-            let mlp_hidden = (dim as f64 * cfg.mlp_ratio) as usize;
-            let stage = vb.pp("blocks").pp(i);
-            let mut pairs = Vec::new();
-            for j in 0..cfg.depths[i] {
-                let vb = stage.pp(j);
-                let (heads, groups, window) = (cfg.num_heads[i], cfg.num_groups[i], cfg.window_size);
-                let spatial = DualBlock::new(
-                    dim,
-                    mlp_hidden,
-                    "window_attn",
-                    |qkv, proj| {
-                        Mixer::Window(WindowAttention {
-                            qkv,
-                            proj,
-                            heads,
-                            window,
-                        })
-                    },
-                    vb.pp("spatial_block"),
-                    weights,
-                )?;
-                let channel = DualBlock::new(
-                    dim,
-                    mlp_hidden,
-                    "channel_attn",
-                    |qkv, proj| Mixer::Channel(ChannelAttention { qkv, proj, groups }),
-                    vb.pp("channel_block"),
-                    weights,
-                )?;
-                pairs.push((spatial, channel));
-            }
-            blocks.push(pairs);
-        }
-        Ok(Self { convs, blocks })
+        let stages = (0..cfg.dim_embed.len())
+            .map(|s| Stage::new(cfg, s, &vb, weights))
+            .collect::<Result<_>>()?;
+        Ok(Self { stages })
     }
 
     /// `pixel_values` `[B, 3, H, W]` to the last stage's feature map, channel-last `[B, h, w, C]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = pixel_values.permute((0, 2, 3, 1))?.contiguous()?;
-        for (conv, stage) in self.convs.iter().zip(&self.blocks) {
-            x = conv.forward(&x)?;
-            for (spatial, channel) in stage {
-                x = channel.forward(&spatial.forward(&x)?)?;
-            }
+        for stage in &self.stages {
+            x = stage.forward(&x)?;
         }
         Ok(x)
     }

@@ -2,22 +2,63 @@
 //! resize with Pillow's bicubic filter, rescale and normalize (spec §1).
 
 mod resize;
+mod truncation;
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageReader};
-
-pub use resize::resize_bicubic_rgb8;
+use image::{DynamicImage, ImageError, ImageReader};
 
 use crate::config::PreprocessorConfig;
 use crate::error::{Error, Result};
+use resize::resize_bicubic_rgb8;
 
-/// An 8-bit RGB image, rows top to bottom, pixels interleaved.
+/// An 8-bit RGB image, rows top to bottom, pixels interleaved: never empty, and its buffer always
+/// holds exactly `width * height * 3` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
-    pub width: u32,
-    pub height: u32,
-    pub data: Vec<u8>,
+    width: u32,
+    height: u32,
+    data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Wraps interleaved RGB bytes, refusing a zero side or a buffer of another length than
+    /// `width * height * 3`.
+    pub fn new(width: u32, height: u32, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 {
+            return Err(Error::usage(format!(
+                "an RGB image needs a nonzero width and height, not {width}x{height}"
+            )));
+        }
+        let expected = width as u64 * height as u64 * 3;
+        if data.len() as u64 != expected {
+            return Err(Error::usage(format!(
+                "an RGB image of {width}x{height} needs {expected} bytes (3 per pixel), not {}",
+                data.len()
+            )));
+        }
+        Ok(Self { width, height, data })
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    /// Height in pixels.
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// The interleaved RGB bytes, rows top to bottom.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The interleaved RGB bytes, rows top to bottom.
+    pub fn into_data(self) -> Vec<u8> {
+        self.data
+    }
 }
 
 /// How images are decoded.
@@ -28,6 +69,9 @@ pub struct DecodeOptions {
     pub exif_orientation: bool,
     /// Refuse images with more pixels than this (a guard against decompression bombs).
     pub max_pixels: u64,
+    /// Decode a file that was cut short (a JPEG's missing rows come out grey) instead of refusing
+    /// it as PIL does; only where the decoder can, which the PNG, BMP and TIFF ones cannot.
+    pub allow_truncated: bool,
 }
 
 impl Default for DecodeOptions {
@@ -36,6 +80,7 @@ impl Default for DecodeOptions {
         Self {
             exif_orientation: true,
             max_pixels: 2 * 89_478_485,
+            allow_truncated: false,
         }
     }
 }
@@ -55,26 +100,63 @@ pub fn load_image_with(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
     })
 }
 
-/// Decodes image bytes into RGB.
+/// Decodes image bytes into RGB. A file cut short is refused unless `opts.allow_truncated`.
 pub fn decode_image(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<RgbImage, String> {
-    use image::ImageDecoder;
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err("not a recognized image format (PNG, JPEG, WebP, GIF, BMP or TIFF)".into());
+    };
+    let cut_short = truncation::is_cut_short(format, bytes);
+    let truncated = format!("the file is truncated ({} bytes)", bytes.len());
+    // A cut file is decoded even when it will be refused, to suggest the flag only where it helps.
+    match decode(reader, opts) {
+        Ok(_) if cut_short && !opts.allow_truncated => Err(format!(
+            "{truncated}; re-download or re-export it, or pass --allow-truncated to caption what is there"
+        )),
+        Ok(img) => Ok(img),
+        Err(Failure::Decoder(e)) if cut_short || truncation::is_eof(&e) => Err(if opts.allow_truncated {
+            format!("{truncated}, and what there is cannot be decoded: {e}")
+        } else {
+            format!("{truncated}; re-download or re-export it")
+        }),
+        Err(Failure::Decoder(e)) => Err(e.to_string()),
+        Err(Failure::Refused(reason)) => Err(reason),
     }
-    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+}
+
+/// Why [`decode`] gave no image.
+enum Failure {
+    /// The decoder's error.
+    Decoder(ImageError),
+    /// Ours: the image is empty or too large.
+    Refused(String),
+}
+
+impl From<ImageError> for Failure {
+    fn from(e: ImageError) -> Self {
+        Failure::Decoder(e)
+    }
+}
+
+/// Decodes, orients and converts an image whose format is known.
+fn decode(reader: ImageReader<std::io::Cursor<&[u8]>>, opts: &DecodeOptions) -> std::result::Result<RgbImage, Failure> {
+    use image::ImageDecoder;
+    let mut decoder = reader.into_decoder()?;
     let (w, h) = decoder.dimensions();
     let pixels = w as u64 * h as u64;
+    if pixels == 0 {
+        return Err(Failure::Refused(format!("the image has no pixels ({w}x{h})")));
+    }
     if pixels > opts.max_pixels {
-        return Err(format!(
+        return Err(Failure::Refused(format!(
             "{w}x{h} is {pixels} pixels, above the limit of {} (raise it with --max-pixels if the image is trusted)",
             opts.max_pixels
-        ));
+        )));
     }
     let orientation = if opts.exif_orientation {
         decoder
@@ -83,14 +165,14 @@ pub fn decode_image(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<R
     } else {
         image::metadata::Orientation::NoTransforms
     };
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
-    Ok(to_rgb_like_pil(img))
+    to_rgb_like_pil(img).map_err(|e| Failure::Refused(e.to_string()))
 }
 
 /// PIL's `.convert("RGB")`: alpha is dropped (not composited), 16-bit colour keeps the high
 /// byte, and 16-bit grayscale (PIL mode `I;16`) is clipped to 255 rather than scaled.
-fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
+fn to_rgb_like_pil(img: DynamicImage) -> Result<RgbImage> {
     let (width, height) = (img.width(), img.height());
     let data: Vec<u8> = match img {
         DynamicImage::ImageRgb8(i) => i.into_raw(),
@@ -109,7 +191,7 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
         DynamicImage::ImageRgba8(i) => i.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
         other => other.to_rgb8().into_raw(),
     };
-    RgbImage { width, height, data }
+    RgbImage::new(width, height, data)
 }
 
 /// An image ready for the model: its pixel values and the size it had before resizing (which
@@ -137,8 +219,8 @@ impl ImageProcessor {
     pub fn prepare(&self, img: &RgbImage) -> PreparedImage {
         PreparedImage {
             pixel_values: self.pixel_values(img),
-            width: img.width,
-            height: img.height,
+            width: img.width(),
+            height: img.height(),
         }
     }
 
@@ -146,7 +228,7 @@ impl ImageProcessor {
     /// transformers' PIL backend: `f32(f64(p) * rescale)`, then `(x - mean) / std` in f32.
     pub fn pixel_values(&self, img: &RgbImage) -> Vec<f32> {
         let c = &self.config;
-        let resized = resize_bicubic_rgb8(&img.data, img.width as usize, img.height as usize, c.width, c.height);
+        let resized = resize_bicubic_rgb8(img, c.width, c.height);
         let plane = c.width * c.height;
         let mut out = vec![0f32; 3 * plane];
         let rescale = c.rescale_factor;

@@ -7,6 +7,8 @@
 //! `fast_image_resize`) differ by up to 20 levels, which changes the model's input; this port
 //! reproduces `Resample.c` exactly, including the intermediate uint8 rounding.
 
+use super::RgbImage;
+
 /// Fixed-point precision of the coefficients (`PRECISION_BITS` in Pillow).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
@@ -74,13 +76,14 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes an interleaved RGB8 image exactly as `PIL.Image.resize((out_w, out_h), BICUBIC)`.
-pub fn resize_bicubic_rgb8(src: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    assert_eq!(
-        src.len(),
-        in_w * in_h * 3,
-        "RGB8 buffer size does not match its dimensions"
-    );
+/// Resizes an RGB image exactly as `PIL.Image.resize((out_w, out_h), BICUBIC)`, returning
+/// interleaved bytes; an empty output size gives an empty buffer. Takes an [`RgbImage`], whose
+/// buffer always matches its nonzero size, so no input can index past the source.
+pub(crate) fn resize_bicubic_rgb8(img: &RgbImage, out_w: usize, out_h: usize) -> Vec<u8> {
+    if out_w == 0 || out_h == 0 {
+        return Vec::new();
+    }
+    let (src, in_w, in_h) = (img.data(), img.width() as usize, img.height() as usize);
     let horiz = taps(in_w, out_w);
     let vert = taps(in_h, out_h);
     let need_h = out_w != in_w;
@@ -147,19 +150,29 @@ pub fn resize_bicubic_rgb8(src: &[u8], in_w: usize, in_h: usize, out_w: usize, o
 mod tests {
     use super::*;
 
+    fn image(w: u32, h: u32, data: Vec<u8>) -> RgbImage {
+        RgbImage::new(w, h, data).unwrap()
+    }
+
     #[test]
     fn same_size_is_identity() {
         let src: Vec<u8> = (0..5 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
-        assert_eq!(resize_bicubic_rgb8(&src, 5, 4, 5, 4), src);
+        assert_eq!(resize_bicubic_rgb8(&image(5, 4, src.clone()), 5, 4), src);
     }
 
     #[test]
     fn constant_image_stays_constant() {
-        let src = vec![200u8; 13 * 7 * 3];
-        let out = resize_bicubic_rgb8(&src, 13, 7, 768, 768);
+        let out = resize_bicubic_rgb8(&image(13, 7, vec![200u8; 13 * 7 * 3]), 768, 768);
         assert!(out.iter().all(|&v| v == 200));
-        let down = resize_bicubic_rgb8(&vec![17u8; 1000 * 900 * 3], 1000, 900, 768, 768);
+        let down = resize_bicubic_rgb8(&image(1000, 900, vec![17u8; 1000 * 900 * 3]), 768, 768);
         assert!(down.iter().all(|&v| v == 17));
+    }
+
+    #[test]
+    fn empty_output_is_empty() {
+        let img = image(3, 2, vec![9u8; 18]);
+        assert!(resize_bicubic_rgb8(&img, 0, 5).is_empty());
+        assert!(resize_bicubic_rgb8(&img, 5, 0).is_empty());
     }
 
     #[test]
