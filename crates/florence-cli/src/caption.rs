@@ -118,6 +118,10 @@ pub struct CaptionArgs {
     /// Do not rotate photos by their EXIF orientation (transformers does not rotate them).
     #[arg(long, help_heading = "Input")]
     no_exif_orientation: bool,
+    /// Caption images whose file is cut short (a JPEG without its end, a GIF missing bytes) from
+    /// what is there, instead of reporting them as unreadable; missing JPEG rows come out grey.
+    #[arg(long, help_heading = "Input")]
+    allow_truncated: bool,
     /// Refuse images with more pixels than this (decompression-bomb guard).
     #[arg(long, value_name = "N", default_value_t = DecodeOptions::default().max_pixels, help_heading = "Input")]
     max_pixels: u64,
@@ -244,6 +248,7 @@ impl CaptionArgs {
             decode: DecodeOptions {
                 exif_orientation: !self.no_exif_orientation,
                 max_pixels: self.max_pixels,
+                allow_truncated: self.allow_truncated,
             },
             batch_size: self.batch_size,
             prefix: self.prefix,
@@ -330,6 +335,9 @@ pub fn run(args: CaptionArgs, interrupted: &AtomicBool) -> Result<bool, Error> {
         let offline = plan.offline || florence::hub::offline_from_env();
         let dir = bar.suspend(|| florence::hub::resolve(&plan.model, offline, !plan.quiet))?;
         let model = Florence::load(&dir, &plan.precision.load_options())?;
+        for warning in model.warnings() {
+            bar.suspend(|| eprintln!("warning: {warning}"));
+        }
         bar.set_message("");
         Ok(model)
     };

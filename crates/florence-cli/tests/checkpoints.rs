@@ -123,3 +123,26 @@ fn strict_refuses_unused_tensors() {
         &["pytorch_model.bin: 1 tensor is not used", "step (not a tensor)"],
     );
 }
+
+/// Unused tensors (config.json with fewer layers than the weights) are one warning line on
+/// stderr; the image is still captioned and the exit status stays 0.
+#[test]
+fn unused_tensors_are_one_warning_line() {
+    let dir = common::model_dir("native_f32");
+    damage::set_text_config(dir.path(), "encoder_layers", 0.into());
+    damage::set_text_config(dir.path(), "decoder_layers", 0.into());
+    let o = caption(dir.path(), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("68 tensors are not used by the model config.json describes"),
+        "{err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        1,
+        "the caption is printed"
+    );
+}

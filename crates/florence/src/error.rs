@@ -135,3 +135,29 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server answers by the kind: the caller's mistakes, unsupported requests, the machine,
+    /// and bugs stay apart.
+    #[test]
+    fn kinds_separate_whose_move_it_is() {
+        let io = Error::io(Path::new("x.png"), std::io::ErrorKind::NotFound.into());
+        assert_eq!(io.kind(), ErrorKind::Input);
+        assert_eq!(Error::config("bad").kind(), ErrorKind::Input);
+        assert_eq!(Error::usage("bad flag").kind(), ErrorKind::Input);
+        assert_eq!(Error::unsupported("cuda").kind(), ErrorKind::Unsupported);
+        assert_eq!(Error::output("disk full").kind(), ErrorKind::Environment);
+        assert_eq!(Error::internal("shape").kind(), ErrorKind::Internal);
+        assert_eq!(
+            Error::from(candle_core::Error::Msg("x".into())).kind(),
+            ErrorKind::Internal
+        );
+        assert_eq!(
+            Error::internal("a bug").to_string(),
+            "internal error: a bug; please report it"
+        );
+    }
+}

@@ -40,7 +40,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 pub use config::{Florence2Config, Layout, PreprocessorConfig};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, SamplingConfig, SamplingRequest};
 pub use model::Florence2;
 pub use nn::WeightFormat;

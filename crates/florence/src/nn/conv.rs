@@ -54,7 +54,7 @@ impl PatchConv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         if c != self.in_channels {
-            return Err(crate::Error::usage(format!(
+            return Err(crate::Error::internal(format!(
                 "a convolution of {} input channels got {c}",
                 self.in_channels
             )));

@@ -112,7 +112,7 @@ impl Linear {
     fn apply(&self, x: &[f32], rows: usize, decode: bool, then: Epilogue) -> Result<Vec<f32>> {
         let (n, k) = self.weight.dims();
         if x.len() != rows * k {
-            return Err(crate::Error::usage(format!(
+            return Err(crate::Error::internal(format!(
                 "a linear layer of {k} inputs got {} values for {rows} rows",
                 x.len()
             )));
@@ -128,7 +128,7 @@ impl Linear {
             Epilogue::Gelu => finish(&mut y, n, bias, true, &[]),
             Epilogue::Residual(r) if r.len() == y.len() => finish(&mut y, n, bias, false, r),
             Epilogue::Residual(r) => {
-                return Err(crate::Error::usage(format!(
+                return Err(crate::Error::internal(format!(
                     "residual of {} values for an output of {}",
                     r.len(),
                     y.len()

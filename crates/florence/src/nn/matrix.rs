@@ -86,7 +86,7 @@ impl Matrix {
     /// The `[rows, cols]` matrix of `values` in `format`: held as it is in f32, converted else.
     pub fn from_values(values: F32Values, rows: usize, cols: usize, format: WeightFormat) -> Result<Self> {
         if values.len() != rows * cols {
-            return Err(crate::Error::usage(format!(
+            return Err(crate::Error::internal(format!(
                 "{} values for a {rows}x{cols} matrix",
                 values.len()
             )));

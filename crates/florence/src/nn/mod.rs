@@ -40,7 +40,9 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => Err(crate::Error::usage("the model runs on f32 CPU tensors")),
+        _ => Err(crate::Error::unsupported(
+            "the fast CPU path runs on f32 CPU tensors only",
+        )),
     }
 }
 

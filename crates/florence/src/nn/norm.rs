@@ -28,7 +28,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = self.weight.len();
         if x.dims().last() != Some(&n) {
-            return Err(crate::Error::usage(format!(
+            return Err(crate::Error::internal(format!(
                 "layer norm over {n} features got shape {:?}",
                 x.dims()
             )));
