@@ -88,7 +88,7 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     gen.max_new_tokens = a.new_tokens;
     gen.min_new_tokens = a.new_tokens;
     gen.sampling = None;
-    gen.validate(model.model.max_decoder_positions())?;
+    gen.validate(model.network().max_decoder_positions())?;
 
     let mut rows: Vec<[f64; 9]> = Vec::new();
     for run in 0..=a.runs {
@@ -100,17 +100,18 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
         let pv = model.pixel_values(&images)?;
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let feats = model.model.vision_features(&pv)?;
+        let feats = model.network().vision_features(&pv)?;
+        model.network().settle_memory();
         let vision = t.elapsed();
         let t = Instant::now();
-        let projected = model.model.project(&feats)?;
-        let prompt = model.tokenizer.encode(&task.prompt)?;
+        let projected = model.network().project(&feats)?;
+        let prompt = model.tokenizer().encode(&task.prompt)?;
         let projector = t.elapsed();
         let t = Instant::now();
-        let memory = model.model.encode(&projected, &prompt)?;
+        let memory = model.network().encode(&projected, &prompt)?;
         let encoder = t.elapsed();
         let t = Instant::now();
-        let mut dec = model.model.decoder(&memory, gen.num_beams)?;
+        let mut dec = model.network().decoder(&memory, gen.num_beams)?;
         let cross_kv = t.elapsed();
         let t = Instant::now();
         let mut timed = TimedDecoder {

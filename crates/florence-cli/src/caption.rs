@@ -230,7 +230,7 @@ impl CaptionArgs {
             (true, None) if self.manifest.is_some() => Some(Format::Jsonl),
             (true, f) => f,
         };
-        let sampling = self.do_sample.then(|| SamplingRequest {
+        let sampling = self.do_sample.then_some(SamplingRequest {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,

@@ -46,25 +46,40 @@ pub struct VisionConfig {
 /// Hyper-parameters of the BART language model, plus the generation fields Microsoft stores in it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TextConfig {
+    /// Tokens in the vocabulary (rows of the shared embedding).
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub d_model: usize,
+    /// Layers of the BART encoder.
     pub encoder_layers: usize,
+    /// Layers of the BART decoder.
     pub decoder_layers: usize,
+    /// Attention heads per encoder layer.
     pub encoder_attention_heads: usize,
+    /// Attention heads per decoder layer.
     pub decoder_attention_heads: usize,
+    /// Hidden width of the encoder MLPs.
     pub encoder_ffn_dim: usize,
+    /// Hidden width of the decoder MLPs.
     pub decoder_ffn_dim: usize,
+    /// Rows of the learned position tables (the longest sequence).
     pub max_position_embeddings: usize,
+    /// The MLPs' activation (only `gelu` is supported).
     #[serde(default = "default_activation")]
     pub activation_function: String,
+    /// Whether token embeddings are multiplied by `sqrt(d_model)`.
     #[serde(default)]
     pub scale_embedding: bool,
+    /// The padding token.
     #[serde(default = "default_pad")]
     pub pad_token_id: u32,
+    /// The `<s>` token.
     #[serde(default)]
     pub bos_token_id: u32,
+    /// The `</s>` token.
     #[serde(default = "default_eos")]
     pub eos_token_id: u32,
+    /// The token the decoder starts from.
     #[serde(default = "default_eos")]
     pub decoder_start_token_id: u32,
     /// Generation settings saved by transformers 4.x; `None` where the file does not set them.
@@ -75,18 +90,31 @@ pub struct TextConfig {
 /// Generation fields a config file may carry; unset fields fall back to the remote-code defaults.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct GenerationOverrides {
+    /// Beams of beam search.
     pub num_beams: Option<usize>,
+    /// Size of the n-grams that may not repeat.
     pub no_repeat_ngram_size: Option<usize>,
+    /// Whether beam search stops when enough hypotheses are finished.
     pub early_stopping: Option<bool>,
+    /// Exponent of the length in beam scores.
     pub length_penalty: Option<f64>,
+    /// Token forced first.
     pub forced_bos_token_id: Option<u32>,
+    /// Token forced at the maximum length.
     pub forced_eos_token_id: Option<u32>,
+    /// Most new tokens.
     pub max_new_tokens: Option<usize>,
+    /// Fewest new tokens before EOS.
     pub min_new_tokens: Option<usize>,
+    /// Whether to sample.
     pub do_sample: Option<bool>,
+    /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// Top-k filter when sampling.
     pub top_k: Option<usize>,
+    /// Nucleus filter when sampling.
     pub top_p: Option<f64>,
+    /// Relative probability floor when sampling.
     pub min_p: Option<f64>,
 }
 
@@ -112,7 +140,9 @@ pub enum Layout {
 /// The whole model configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Florence2Config {
+    /// The DaViT vision tower and projector.
     pub vision: VisionConfig,
+    /// The BART language model.
     pub text: TextConfig,
     /// The layout the config file was written for; the weights decide the layout used for loading.
     pub config_layout: Layout,
@@ -341,10 +371,15 @@ impl Florence2Config {
 /// Image preprocessing settings (`preprocessor_config.json`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessorConfig {
+    /// Width the images are resized to.
     pub width: usize,
+    /// Height the images are resized to.
     pub height: usize,
+    /// Per-channel mean subtracted after rescaling.
     pub image_mean: [f32; 3],
+    /// Per-channel standard deviation divided by.
     pub image_std: [f32; 3],
+    /// Factor from 0..255 to 0..1.
     pub rescale_factor: f64,
     /// PIL resample filter id; only 3 (bicubic) is supported.
     pub resample: u32,

@@ -10,16 +10,36 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
     /// A configuration value is missing or invalid.
     #[error("{}{message}", file_prefix(.file))]
-    Config { file: Option<PathBuf>, message: String },
+    Config {
+        /// The file, when known.
+        file: Option<PathBuf>,
+        /// What is wrong.
+        message: String,
+    },
     /// A checkpoint file is missing, corrupt, or does not match the configuration.
     #[error("{}: {message}", path.display())]
-    Checkpoint { path: PathBuf, message: String },
+    Checkpoint {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        message: String,
+    },
     /// An image could not be decoded.
     #[error("{}: cannot decode image: {message}", path.display())]
-    Image { path: PathBuf, message: String },
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Why it cannot be decoded.
+        message: String,
+    },
     /// The request itself is invalid (a task without its input, an out-of-range setting).
     #[error("{0}")]
     Usage(String),

@@ -1,10 +1,11 @@
 //! Florence-2 inference in pure Rust, token for token the same as transformers.
 //!
-//! The crate is laid out like the model: [`preprocess`] (decoding, Pillow-exact resizing,
-//! normalization), [`vision`] (the DaViT encoder), [`projector`] (image features into the
-//! language model's space), [`language`] (BART with an incremental decoder), [`generation`]
-//! (beam search, greedy, sampling), [`tasks`] (prompts and post-processing), [`checkpoint`]
-//! (both published weight layouts) and [`Florence`], which ties them together.
+//! [`Florence`] is a loaded model with its tokenizer and image processor; [`pipeline`] captions
+//! whole datasets with it (decode ahead, batches, sinks for caption files and manifests). The
+//! public modules are [`preprocess`] (decoding, Pillow-exact resizing, normalization),
+//! [`generation`] (beam search, greedy, sampling), [`tasks`] (prompts and post-processing),
+//! [`pipeline`] and [`hub`]; the model's own layers (the DaViT vision tower, the projector,
+//! BART, the checkpoint readers and the CPU kernels) are private, behind [`Florence2`].
 //!
 //! ```no_run
 //! use florence::{Florence, LoadOptions, Task};
@@ -19,30 +20,34 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod checkpoint;
-pub mod config;
-pub mod error;
+mod config;
+mod error;
 pub mod generation;
 pub mod hub;
-pub mod language;
-pub mod model;
-pub mod nn;
+mod language;
+mod model;
+mod nn;
 pub mod pipeline;
 pub mod preprocess;
-pub mod projector;
+mod projector;
 pub mod tasks;
-pub mod tokenizer;
-pub mod vision;
+mod tokenizer;
+mod vision;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-pub use config::{Florence2Config, Layout, PreprocessorConfig};
+pub use config::{Florence2Config, GenerationOverrides, Layout, PreprocessorConfig, TextConfig, VisionConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, SamplingConfig, SamplingRequest};
-pub use model::Florence2;
+pub use model::{Florence2, IncrementalDecoder};
 pub use nn::WeightFormat;
 pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};
 pub use tasks::{Task, TaskResult};
@@ -55,6 +60,7 @@ pub struct LoadOptions {
     pub vision_weights: WeightFormat,
     /// How the language model's weights (token embeddings and `lm_head` included) are held.
     pub language_weights: WeightFormat,
+    /// Where the tensors live; the fast path runs on the CPU.
     pub device: Device,
     /// Refuse a checkpoint with tensors the model does not use, instead of loading it with a
     /// [warning](Florence::warnings). A tensor the model needs missing is refused either way.
@@ -86,9 +92,9 @@ pub struct Output {
 /// A loaded Florence-2 model with its tokenizer, image processor and default generation settings.
 #[derive(Debug)]
 pub struct Florence {
-    pub model: Florence2,
-    pub tokenizer: FlorenceTokenizer,
-    pub processor: ImageProcessor,
+    network: Florence2,
+    tokenizer: FlorenceTokenizer,
+    processor: ImageProcessor,
     generation: GenerationConfig,
     dir: PathBuf,
 }
@@ -122,7 +128,7 @@ impl Florence {
         });
         let (tokenizer, (model, generation)) = (tokenizer?, model?);
         Ok(Self {
-            model,
+            network: model,
             tokenizer,
             processor,
             generation,
@@ -186,7 +192,22 @@ impl Florence {
     /// the caller to show (the library prints nothing): tensors in the weights that the model
     /// config.json describes does not use.
     pub fn warnings(&self) -> &[String] {
-        self.model.warnings()
+        self.network.warnings()
+    }
+
+    /// The network: vision tower, projector and language model, to run stage by stage.
+    pub fn network(&self) -> &Florence2 {
+        &self.network
+    }
+
+    /// The tokenizer, with Florence-2's added tokens.
+    pub fn tokenizer(&self) -> &FlorenceTokenizer {
+        &self.tokenizer
+    }
+
+    /// The image processor, at this model's input size.
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
     }
 
     /// The model directory.
@@ -215,7 +236,7 @@ impl Florence {
         Ok(Tensor::from_vec(
             data,
             (images.len(), 3, c.height, c.width),
-            self.model.device(),
+            self.network.device(),
         )?)
     }
 
@@ -231,12 +252,14 @@ impl Florence {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        gen.validate(self.model.max_decoder_positions())?;
+        gen.validate(self.network.max_decoder_positions())?;
         let prompt = self.tokenizer.encode(&task.prompt)?;
         let seqs = on_pool_thread(|| {
-            let features = self.model.encode_image(&self.stack(images)?)?;
-            let memory = self.model.encode(&features, &prompt)?;
-            let mut decoder = self.model.decoder(&memory, gen.num_beams)?;
+            let features = self.network.vision_features(&self.stack(images)?)?;
+            self.network.settle_memory();
+            let features = self.network.project(&features)?;
+            let memory = self.network.encode(&features, &prompt)?;
+            let mut decoder = self.network.decoder(&memory, gen.num_beams)?;
             generation::generate(gen, images.len(), &mut decoder)
         })?;
         seqs.into_iter()

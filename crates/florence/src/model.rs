@@ -19,6 +19,7 @@ use crate::LoadOptions;
 /// Florence-2 for conditional generation.
 #[derive(Debug, Clone)]
 pub struct Florence2 {
+    /// The configuration the model was built from.
     pub config: Florence2Config,
     /// The layout the weights were stored in.
     pub layout: Layout,
@@ -90,25 +91,33 @@ impl Florence2 {
         &self.warnings
     }
 
+    /// The device the tensors live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
     /// `pixel_values` `[B, 3, H, W]` to image features `[B, 1 + h*w, d_model]`.
     pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.project(&self.vision_features(pixel_values)?)
+        let features = self.vision_features(pixel_values)?;
+        self.settle_memory();
+        self.project(&features)
     }
 
     /// DaViT's last feature map, channel-last `[B, h, w, C]`.
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let features = self.vision_tower.forward(pixel_values);
+        self.vision_tower.forward(pixel_values)
+    }
+
+    /// The memory policy, applied once, the first time it is called: hands the free pages of
+    /// the heap back to the OS and starts mapping the language model's pages of the checkpoint
+    /// on a background thread. Call it after the first vision pass, before the language model
+    /// runs: the vision tower's activations are free by then, and the language model's pages
+    /// would otherwise add to their peak. Later calls do nothing.
+    pub fn settle_memory(&self) {
         if let Some(pages) = self.language_pages.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            // The first pass's activations are free by now: their pages go back to the OS before
-            // the language model's come in, once (later passes reuse the heap they regrow).
             release_free_heap();
             pages.populate_in_background();
         }
-        features
     }
 
     /// Projects a DaViT feature map into language-model embeddings `[B, 1 + h*w, d_model]`.

@@ -31,9 +31,11 @@ pub enum PostProcess {
 /// A Florence-2 task token, its prompt template and its post-processing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskSpec {
+    /// The task token, such as `<CAPTION>`.
     pub token: &'static str,
     /// The prompt text; `{input}` is replaced by the task's text input.
     pub template: &'static str,
+    /// How the generated text is parsed.
     pub post_process: PostProcess,
 }
 
@@ -130,6 +132,7 @@ pub struct Task {
     pub name: String,
     /// The text fed to the tokenizer.
     pub prompt: String,
+    /// How the generated text is parsed.
     pub post_process: PostProcess,
 }
 

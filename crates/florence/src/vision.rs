@@ -163,6 +163,7 @@ fn window_attention_slices(
             gemm_f32(n, n, hd, scores.as_mut_ptr(), (n, 1), &q, (hd, 1), &k, (1, hd), 1);
         }
         softmax_rows(&mut scores, n);
+        // SAFETY: scores is [n, n], v is [n, hd] and o has room for [n, hd], all row-major.
         unsafe {
             gemm_f32(n, hd, n, o.as_mut_ptr(), (hd, 1), &scores, (n, 1), &v, (hd, 1), 1);
         }
@@ -184,6 +185,7 @@ fn window_attention_slices(
 struct SendPtr(*mut f32);
 // SAFETY: used only for disjoint writes, each task its own elements.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: no two tasks write the same element, and none reads through it.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

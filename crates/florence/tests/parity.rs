@@ -79,7 +79,7 @@ fn tensors_match_the_reference() {
         )
         .unwrap();
         let prompt = model
-            .tokenizer
+            .tokenizer()
             .encode(&Task::new("<CAPTION>", None).unwrap().prompt)
             .unwrap();
         let images: Vec<String> = common::cases(&name)["cases"][0]["images"]
@@ -111,13 +111,13 @@ fn tensors_match_the_reference() {
                 0.0,
                 "{name}/{img_name}: pixel values"
             );
-            let feats = model.model.encode_image(&pv).unwrap();
+            let feats = model.network().encode_image(&pv).unwrap();
             let d = max_abs_diff(&feats.squeeze(0).unwrap(), &get("image_features"));
             assert!(d < 1e-4, "{name}/{img_name}: image features differ by {d}");
-            let memory = model.model.encode(&feats, &prompt).unwrap();
+            let memory = model.network().encode(&feats, &prompt).unwrap();
             let d = max_abs_diff(&memory.squeeze(0).unwrap(), &get("encoder_output"));
             assert!(d < 1e-4, "{name}/{img_name}: encoder output differs by {d}");
-            let mut dec = model.model.decoder(&memory, 1).unwrap();
+            let mut dec = model.network().decoder(&memory, 1).unwrap();
             let logits = dec.step_logits(&[2]).unwrap();
             let d = max_abs_diff(&logits.squeeze(0).unwrap(), &get("first_logits"));
             assert!(d < 1e-4, "{name}/{img_name}: first-step logits differ by {d}");

@@ -40,15 +40,15 @@ fn load(dir: &std::path::Path, vision: WeightFormat, language: WeightFormat) -> 
 
 fn first_logits(model: &Florence, img: &florence::RgbImage) -> Vec<f32> {
     let prompt = model
-        .tokenizer
+        .tokenizer()
         .encode(&Task::new("<CAPTION>", None).unwrap().prompt)
         .unwrap();
     let feats = model
-        .model
+        .network()
         .encode_image(&model.pixel_values(std::slice::from_ref(img)).unwrap())
         .unwrap();
-    let memory = model.model.encode(&feats, &prompt).unwrap();
-    let mut dec = model.model.decoder(&memory, 1).unwrap();
+    let memory = model.network().encode(&feats, &prompt).unwrap();
+    let mut dec = model.network().decoder(&memory, 1).unwrap();
     dec.step_logits(&[2]).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 

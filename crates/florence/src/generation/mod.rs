@@ -30,6 +30,7 @@ pub enum EarlyStopping {
 /// Settings for random sampling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
+    /// Temperature the logits are divided by.
     pub temperature: f32,
     /// Keep only the `k` most likely tokens (0 = off).
     pub top_k: usize,
@@ -60,15 +61,23 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     /// EOS is banned until this many new tokens exist.
     pub min_new_tokens: usize,
+    /// Beams of beam search; 1 is greedy search (or sampling).
     pub num_beams: usize,
+    /// Exponent of the length that beam scores are divided by.
     pub length_penalty: f64,
+    /// When beam search stops.
     pub early_stopping: EarlyStopping,
     /// Ban any n-gram of this size from repeating (0 = off).
     pub no_repeat_ngram_size: usize,
+    /// Token forced as the first new token.
     pub forced_bos_token_id: Option<u32>,
+    /// Token forced when the maximum length is reached.
     pub forced_eos_token_id: Option<u32>,
+    /// The token the decoder starts from.
     pub decoder_start_token_id: u32,
+    /// The token that ends a sequence.
     pub eos_token_id: u32,
+    /// The token finished sequences are padded with.
     pub pad_token_id: u32,
     /// `Some` to sample instead of searching deterministically.
     pub sampling: Option<SamplingConfig>,

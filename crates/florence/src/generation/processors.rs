@@ -9,6 +9,7 @@ pub struct LogitsProcessor<'a> {
 }
 
 impl<'a> LogitsProcessor<'a> {
+    /// The processors `cfg` asks for.
     pub fn new(cfg: &'a GenerationConfig) -> Self {
         Self { cfg }
     }

@@ -147,6 +147,7 @@ impl Matrix {
     }
 
     /// The matrix in f32 (a copy, widened from reduced formats).
+    #[cfg(test)]
     pub fn to_f32(&self, device: &candle_core::Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(self.widened(), (self.rows, self.cols), device)?)
     }

@@ -25,13 +25,12 @@ mod linear;
 mod matrix;
 mod norm;
 
-pub use activation::softmax;
 pub(crate) use activation::{softmax_rows, sum_exp_below};
 pub use attention::attention;
 pub(crate) use attention::{attend_rows, HeadKv, Keys};
 pub use conv::{DepthwiseConv3x3Residual, PatchConv};
 pub use linear::{Epilogue, Linear};
-pub use matrix::{F32Values, Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
+pub use matrix::{Matrix, MatrixSource, WeightFormat, Q8_BLOCK};
 pub use norm::LayerNorm;
 
 /// Calls `f` with the elements of `t`, an f32 CPU tensor, made contiguous first if needed.

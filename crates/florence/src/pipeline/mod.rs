@@ -146,7 +146,7 @@ struct Engine<'a> {
 
 enum EngineModel<'a> {
     Borrowed(&'a Florence),
-    Owned(Florence),
+    Owned(Box<Florence>),
 }
 
 impl Engine<'_> {
@@ -171,7 +171,7 @@ impl Run<'_, '_, '_> {
     fn start<'a>(&mut self, source: ModelSource<'a>) -> Result<Engine<'a>> {
         let model = match source {
             ModelSource::Loaded(m) => EngineModel::Borrowed(m),
-            ModelSource::Lazy(load) => EngineModel::Owned(load()?),
+            ModelSource::Lazy(load) => EngineModel::Owned(Box::new(load()?)),
         };
         let mut engine = Engine {
             model,
@@ -179,7 +179,7 @@ impl Run<'_, '_, '_> {
         };
         let model = engine.model();
         let generation = self.plan.generation.resolve(model.generation_config());
-        generation.validate(model.model.max_decoder_positions())?;
+        generation.validate(model.network().max_decoder_positions())?;
         engine.generation = generation;
         let info = RunInfo {
             task: &self.plan.task,
@@ -207,11 +207,11 @@ impl Run<'_, '_, '_> {
                             Some(e) => e,
                             None => {
                                 let e = self.start(model.take().expect("the model is started once"))?;
-                                let _ = processor.set(e.model().processor.clone());
+                                let _ = processor.set(e.model().processor().clone());
                                 engine.insert(e)
                             }
                         };
-                        batch.push((job, image.prepare(&engine.model().processor)));
+                        batch.push((job, image.prepare(engine.model().processor())));
                     }
                     Err(reason) => self.fail(&job.image.path, &reason)?,
                 }

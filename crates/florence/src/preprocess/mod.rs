@@ -200,17 +200,21 @@ fn to_rgb_like_pil(img: DynamicImage) -> Result<RgbImage> {
 pub struct PreparedImage {
     /// Normalized `[3, H, W]` values at the processor's size.
     pub pixel_values: Vec<f32>,
+    /// Width of the original image, in pixels.
     pub width: u32,
+    /// Height of the original image, in pixels.
     pub height: u32,
 }
 
 /// Turns RGB images into normalized `[3, H, W]` pixel values.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
+    /// Size, normalization and filter.
     pub config: PreprocessorConfig,
 }
 
 impl ImageProcessor {
+    /// A processor for `config`.
     pub fn new(config: PreprocessorConfig) -> Self {
         Self { config }
     }

@@ -375,9 +375,8 @@ mod tests {
 
     use super::*;
     use crate::error::Result;
-    use crate::nn::{
-        softmax, sum_exp_below, DepthwiseConv3x3Residual, Epilogue, LayerNorm, Linear, Matrix, WeightFormat,
-    };
+    use crate::nn::activation::softmax;
+    use crate::nn::{sum_exp_below, DepthwiseConv3x3Residual, Epilogue, LayerNorm, Linear, Matrix, WeightFormat};
 
     const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8];
 
