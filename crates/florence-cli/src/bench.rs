@@ -153,6 +153,12 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
             ]);
         }
     }
+    report(&a, load, &rows);
+    Ok(())
+}
+
+/// Prints the medians of the timed runs' stages, one per line.
+fn report(a: &BenchArgs, load: Duration, rows: &[[f64; 9]]) {
     let median = |i: usize| {
         let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
         v.sort_by(f64::total_cmp);
@@ -185,5 +191,4 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     if let Some(mb) = peak_rss_mb() {
         println!("peak RSS             {mb:9.0} MB");
     }
-    Ok(())
 }

@@ -49,6 +49,7 @@ fn noise(w: u32, h: u32, seed: u32) -> image::RgbImage {
 }
 
 /// Writes the corpus; returns the valid images and the bad files with a word of their reason.
+// A list of every messy case, one after the other; long because the cases are many.
 fn make_corpus(root: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, &'static str)>) {
     for d in ["a/sub", "b", "c"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -189,6 +190,8 @@ fn temp_files(root: &Path) -> Vec<PathBuf> {
     found
 }
 
+// One scenario on one corpus, step after step (caption, rerun, append, shards), because each
+// step starts from the files the one before left; it is long for that reason.
 #[test]
 fn messy_folder_is_captioned_safely_and_resumably() {
     let model_dir = common::model_dir("native_f32");

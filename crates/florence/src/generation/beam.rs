@@ -28,6 +28,10 @@ struct ImageBeams {
 
 /// Beam search over `images` images with `cfg.num_beams` beams each (sampled when
 /// `cfg.sampling` is set, as transformers' beam sampling).
+///
+/// Longer than our usual limit on purpose: it follows transformers' `_beam_search` step by step
+/// (score, top 2k, split finished from running, early-stopping test), so that the two can be read
+/// side by side when checking token parity.
 pub fn beam_search(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDecoder) -> Result<Vec<Sequence>> {
     let k = cfg.num_beams;
     let keep = 2 * k;
