@@ -70,7 +70,7 @@ fn a_deleted_bias_is_refused_by_name() {
             "model.language_model.decoder.layers.0.encoder_attn.out_proj.bias",
         ),
         ("native_f32", "model.vision_tower.convs.0.conv.bias"),
-        ("remote_f32", "language_model.network().encoder.layers.1.fc2.bias"),
+        ("remote_f32", "language_model.model.encoder.layers.1.fc2.bias"),
         ("remote_f32", "image_proj_norm.bias"),
     ] {
         let dir = common::model_dir(fixture);
@@ -100,11 +100,11 @@ fn tied_copies_may_be_present_or_absent() {
         ),
         (
             "remote_f32",
-            "language_model.network().shared.weight",
+            "language_model.model.shared.weight",
             [
                 "language_model.lm_head.weight",
-                "language_model.network().encoder.embed_tokens.weight",
-                "language_model.network().decoder.embed_tokens.weight",
+                "language_model.model.encoder.embed_tokens.weight",
+                "language_model.model.decoder.embed_tokens.weight",
             ],
         ),
     ] {
@@ -193,7 +193,7 @@ fn an_extra_tensor_warns_by_name() {
         ("native_f32", "model.vision_tower.norms.weight"),
         ("native_bf16_sharded", "model.language_model.encoder.layers.7.fc1.bias"),
         ("remote_f32", "vision_tower.head.weight"),
-        ("remote_f32", "language_model.network().encoder.layernorm.weight"),
+        ("remote_f32", "language_model.model.encoder.layernorm.weight"),
     ] {
         let dir = common::model_dir(fixture);
         let want = first_case_ids(&load(dir.path(), true).unwrap(), fixture);

@@ -309,6 +309,41 @@ mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
+    /// A request overrides what it sets and keeps the rest; no sampling request means search,
+    /// even over a checkpoint that samples.
+    #[test]
+    fn requests_override_only_what_they_set() {
+        let mut defaults = GenerationConfig {
+            num_beams: 3,
+            max_new_tokens: 100,
+            sampling: Some(SamplingConfig {
+                temperature: 0.5,
+                top_k: 7,
+                ..SamplingConfig::default()
+            }),
+            ..GenerationConfig::default()
+        };
+        let g = GenerationRequest {
+            max_new_tokens: Some(20),
+            ..GenerationRequest::default()
+        }
+        .resolve(&defaults);
+        assert_eq!((g.num_beams, g.max_new_tokens, g.sampling), (3, 20, None));
+        let sample = GenerationRequest {
+            sampling: Some(SamplingRequest {
+                top_p: Some(0.9),
+                seed: 4,
+                ..SamplingRequest::default()
+            }),
+            ..GenerationRequest::default()
+        };
+        let s = sample.resolve(&defaults).sampling.unwrap();
+        assert_eq!((s.temperature, s.top_k, s.top_p, s.seed), (0.5, 7, 0.9, 4));
+        defaults.sampling = None;
+        let s = sample.resolve(&defaults).sampling.unwrap();
+        assert_eq!((s.temperature, s.top_k, s.top_p), (1.0, 50, 0.9));
+    }
+
     /// The one-pass selection equals a full sort by (value descending, index ascending),
     /// with many ties, infinities and every k from 0 past the length.
     #[test]
