@@ -258,3 +258,24 @@ fn hub_ids_resolve_from_the_cache() {
         "{err}"
     );
 }
+
+/// `florence bench` with nothing to time is a one-line error, not a panic (the median of no
+/// runs used to index an empty list).
+#[test]
+fn bench_refuses_zero_runs() {
+    let dir = common::model_dir("native_f32");
+    let image = common::image("gray8.png");
+    for flag in ["--runs", "--batch-size", "--new-tokens"] {
+        let o = florence(&[
+            "bench",
+            "--model",
+            dir.path().to_str().unwrap(),
+            flag,
+            "0",
+            image.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {err}");
+        assert_eq!(err.trim(), format!("error: {flag} must be at least 1"));
+    }
+}
