@@ -277,7 +277,8 @@ impl Florence {
 /// another pool; at once if this thread already is one of the pool's. The model enters a
 /// parallel section for every layer of every decoding step; from a thread outside the pool each
 /// entry hands the work over and sleeps until it is done, while a pool thread shares the work
-/// and keeps going: a decoding step takes about 12% less time (f32 base, measured).
+/// and keeps going.
+// Measured: a decoding step takes about 12% less time this way (f32 base).
 pub fn on_pool_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }

@@ -149,12 +149,18 @@ enum EngineModel<'a> {
     Owned(Box<Florence>),
 }
 
-impl Engine<'_> {
-    fn model(&self) -> &Florence {
-        match &self.model {
+impl EngineModel<'_> {
+    fn get(&self) -> &Florence {
+        match self {
             EngineModel::Borrowed(m) => m,
             EngineModel::Owned(m) => m,
         }
+    }
+}
+
+impl Engine<'_> {
+    fn model(&self) -> &Florence {
+        self.model.get()
     }
 }
 
@@ -173,14 +179,9 @@ impl Run<'_, '_, '_> {
             ModelSource::Loaded(m) => EngineModel::Borrowed(m),
             ModelSource::Lazy(load) => EngineModel::Owned(Box::new(load()?)),
         };
-        let mut engine = Engine {
-            model,
-            generation: GenerationConfig::default(),
-        };
-        let model = engine.model();
-        let generation = self.plan.generation.resolve(model.generation_config());
-        generation.validate(model.network().max_decoder_positions())?;
-        engine.generation = generation;
+        let generation = self.plan.generation.resolve(model.get().generation_config());
+        generation.validate(model.get().network().max_decoder_positions())?;
+        let engine = Engine { model, generation };
         let info = RunInfo {
             task: &self.plan.task,
             generation: &engine.generation,
