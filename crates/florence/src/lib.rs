@@ -36,6 +36,7 @@ pub mod pipeline;
 pub mod preprocess;
 mod projector;
 pub mod tasks;
+pub mod tensor;
 mod tokenizer;
 mod vision;
 

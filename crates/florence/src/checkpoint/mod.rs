@@ -274,8 +274,13 @@ impl Checkpoint {
         self.layout == Layout::Native && names::transposed(name)
     }
 
+    /// Whether the file has tensor `name` (remote-layout name).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
     /// Reads tensor `name` (remote-layout name) as `dtype`.
-    fn read(&self, name: &str, dtype: DType) -> candle_core::Result<Tensor> {
+    pub(crate) fn read(&self, name: &str, dtype: DType) -> candle_core::Result<Tensor> {
         let entry = self
             .entries
             .get(name)
