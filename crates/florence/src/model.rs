@@ -106,6 +106,7 @@ impl Florence2 {
 
     /// DaViT's last feature map, channel-last `[B, h, w, C]`.
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        refuse_tracked(pixel_values, "vision_features")?;
         self.vision_tower.forward(pixel_values)
     }
 
@@ -123,12 +124,14 @@ impl Florence2 {
 
     /// Projects a DaViT feature map into language-model embeddings `[B, 1 + h*w, d_model]`.
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        refuse_tracked(features, "project")?;
         self.projector.forward(features)
     }
 
     /// Runs the BART encoder over `[image features ; prompt embeddings]` for every image;
     /// all images share the prompt `prompt_ids` (with `<s>`/`</s>`).
     pub fn encode(&self, image_features: &Tensor, prompt_ids: &[u32]) -> Result<Tensor> {
+        refuse_tracked(image_features, "encode")?;
         let b = image_features.dim(0)?;
         let (_, n_img, _) = image_features.dims3()?;
         let max = self.config.text.max_position_embeddings;
@@ -158,6 +161,18 @@ impl Florence2 {
     pub fn max_decoder_positions(&self) -> usize {
         self.language_model.decoder.max_positions()
     }
+}
+
+/// The fast path reads `&[f32]` and has no backward pass: a tensor that tracks gradients would
+/// have its graph cut here without a word, so it is refused. Train on [`crate::tensor`].
+fn refuse_tracked(t: &Tensor, entry: &str) -> Result<()> {
+    if t.track_op() {
+        return Err(Error::usage(format!(
+            "Florence2::{entry} is inference-only and was given a tensor that tracks gradients; \
+             use florence::tensor to train, or detach the tensor"
+        )));
+    }
+    Ok(())
 }
 
 /// Hands the free pages of the heap back to the OS. glibc would keep them: the `florence` binary

@@ -161,3 +161,23 @@ fn generated_tokens_equal_the_reference() {
         failures.join("\n")
     );
 }
+
+/// The fast path has no backward pass: a tensor that tracks gradients is refused with an error
+/// instead of having its graph cut.
+#[test]
+fn the_fast_path_refuses_tensors_that_track_gradients() {
+    let name = &common::model_names()[0];
+    let dir = common::model_dir(name);
+    let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
+    let network = model.network();
+    let pixels = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let tracked = candle_core::Var::from_tensor(&pixels).unwrap();
+    let err = network.vision_features(tracked.as_tensor()).unwrap_err().to_string();
+    assert!(err.contains("tracks gradients"), "{err}");
+    let features = network.vision_features(&pixels).unwrap();
+    let tracked = candle_core::Var::from_tensor(&features).unwrap();
+    assert!(network.project(tracked.as_tensor()).is_err());
+    let embeds = network.project(&features).unwrap();
+    let tracked = candle_core::Var::from_tensor(&embeds).unwrap();
+    assert!(network.encode(tracked.as_tensor(), &[0, 2]).is_err());
+}
