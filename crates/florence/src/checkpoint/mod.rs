@@ -15,6 +15,7 @@ pub mod names;
 pub mod pages;
 mod pickle;
 mod safetensors;
+pub mod save;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -272,6 +273,14 @@ impl Checkpoint {
     /// matrix (`[in, out]`).
     fn transposed_on_read(&self, name: &str) -> bool {
         self.layout == Layout::Native && names::transposed(name)
+    }
+
+    /// The remote-layout names of the tensors the files hold (after [`check`](Self::check):
+    /// those the model uses), sorted: the names a checkpoint written back must have.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.entries.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Whether the file has tensor `name` (remote-layout name).

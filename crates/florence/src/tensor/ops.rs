@@ -161,7 +161,7 @@ pub(crate) mod gradcheck {
             let base: Vec<f64> = inputs[i].flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
             let mut numeric = Vec::with_capacity(base.len());
             for k in 0..base.len() {
-                let mut at = |delta: f64| -> Result<f64> {
+                let at = |delta: f64| -> Result<f64> {
                     let mut moved = base.clone();
                     moved[k] += delta;
                     let t = Tensor::from_vec(moved, inputs[i].shape(), &Device::Cpu)?.to_dtype(inputs[i].dtype())?;
