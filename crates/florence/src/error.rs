@@ -114,38 +114,45 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    /// An [`Error::Io`] on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),
             source,
         }
     }
-    pub(crate) fn config(message: impl Into<String>) -> Self {
+    /// An [`Error::Config`]; [`in_file`](Self::in_file) names its file.
+    pub fn config(message: impl Into<String>) -> Self {
         Error::Config {
             file: None,
             message: message.into(),
         }
     }
-    pub(crate) fn checkpoint(path: &Path, message: impl Into<String>) -> Self {
+    /// An [`Error::Checkpoint`] about `path`.
+    pub fn checkpoint(path: &Path, message: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.to_path_buf(),
             message: message.into(),
         }
     }
-    pub(crate) fn usage(message: impl Into<String>) -> Self {
+    /// An [`Error::Usage`].
+    pub fn usage(message: impl Into<String>) -> Self {
         Error::Usage(message.into())
     }
-    pub(crate) fn unsupported(message: impl Into<String>) -> Self {
+    /// An [`Error::Unsupported`].
+    pub fn unsupported(message: impl Into<String>) -> Self {
         Error::Unsupported(message.into())
     }
-    pub(crate) fn output(message: impl Into<String>) -> Self {
+    /// An [`Error::Output`].
+    pub fn output(message: impl Into<String>) -> Self {
         Error::Output(message.into())
     }
-    pub(crate) fn internal(message: impl Into<String>) -> Self {
+    /// An [`Error::Internal`]: a broken invariant.
+    pub fn internal(message: impl Into<String>) -> Self {
         Error::Internal(message.into())
     }
     /// Attaches the file a configuration error came from.
-    pub(crate) fn in_file(self, path: &Path) -> Self {
+    pub fn in_file(self, path: &Path) -> Self {
         match self {
             Error::Config { file: None, message } => Error::Config {
                 file: Some(path.to_path_buf()),
