@@ -24,6 +24,13 @@ pub trait Segment {
     fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>>;
 }
 
+/// A part of a model is a segment of the model's chain by reference.
+impl<T: Segment + ?Sized> Segment for &T {
+    fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>> {
+        (**self).forward(inputs, mode)
+    }
+}
+
 /// How a pass through the chain runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass {
