@@ -5,6 +5,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from PIL import Image
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK64 = (1 << 64) - 1
 
@@ -139,17 +141,30 @@ def raw_sources(cfg):
     return beside(cfg["task_prompt"], resolve(cfg["dataset_path"]))  # form (a)
 
 
+def readable(path):
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def discover(cfg, tok, max_label_len):
     """All samples in source order; captions cleaned; a caption whose label (`<s> caption </s>`)
-    is longer than the decoder's positions is dropped (before the split)."""
+    is longer than the decoder's positions, or whose image cannot be decoded, is dropped (before
+    the split)."""
     samples, dropped = [], []
     prompt_cache = {}
     for prompt, image, cap_file, raw in raw_sources(cfg):
         caption = clean_caption(raw)
         label = tok(caption)["input_ids"]
+        where = os.path.relpath(cap_file.split("#")[0], cfg["base_dir"]) + ("#" + cap_file.split("#")[1] if "#" in cap_file else "")
         if len(label) > max_label_len:
-            dropped.append(dict(caption_file=os.path.relpath(cap_file.split("#")[0], cfg["base_dir"]),
-                                label_len=len(label)))
+            dropped.append(dict(caption_file=where, reason="label too long", label_len=len(label)))
+            continue
+        if not readable(image):
+            dropped.append(dict(caption_file=where, reason="unreadable image"))
             continue
         if prompt not in prompt_cache:
             prompt_cache[prompt] = tok(construct_prompt(prompt))["input_ids"]

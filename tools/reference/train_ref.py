@@ -6,9 +6,9 @@
         runs CONFIG (Florence-2ner's keys, YAML or JSON): DIR/metrics.jsonl, DIR/final.safetensors, DIR/run.json
 
 The model is transformers' native Florence2ForConditionalGeneration; CAME is came-pytorch 0.1.3, AdamW
-torch.optim.AdamW. The semantics (data order, collation, loss, accumulation, schedules, clipping,
-freezing) are the lead's training spec, which the README's "Fine-tuning" section carries; each
-function below says which rule it implements. Everything runs on one CPU thread, deterministically:
+torch.optim.AdamW. The semantics (config defaults, data order, collation, loss, accumulation,
+schedules, clipping, freezing, evaluation) are crates/florence-train/SEMANTICS.md; each function
+below says which rule it implements. Everything runs on one CPU thread, deterministically:
 the same command writes bit-identical files.
 """
 
@@ -44,9 +44,9 @@ KEYS = {
     "filtering_processes_per_thread", "filtering_batch_size", "dataloader_num_workers",
     "dataloader_prefetch_factor", "print_first_batch_predictions", "do_extra_eval",
 }
+REQUIRED = ("model_name", "epochs", "optimizer", "learning_rate", "train_batch_size")
 DEFAULTS = dict(
-    min_learning_rate=0.0, lr_scheduler="Cosine", warmup_steps=0, train_batch_size=1,
-    eval_batch_size=None, gradient_accumulation_steps=1, clip_grad_norm=0.0, weight_decay=0.0, seed=42,
+    min_learning_rate=0.0, lr_scheduler="Cosine", warmup_steps=0, eval_batch_size=None, gradient_accumulation_steps=1, clip_grad_norm=0.0, weight_decay=0.0, seed=42,
     eval_steps=0, eval_split=0, freeze_vision=False, freeze_language=False, freeze_other=False, shuffle=True,
     loss_normalization="mean", pad_in_loss=False, eval_before_training=False,
 )
@@ -58,8 +58,15 @@ def load_config(path):
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
         raise SystemExit(f"{path}: unknown keys {unknown}")
+    missing = [k for k in REQUIRED if k not in cfg]
+    if not ("dataset_config" in cfg or ("task_prompt" in cfg and "dataset_path" in cfg)):
+        missing.append("task_prompt + dataset_path, or dataset_config")
+    if missing:
+        raise SystemExit(f"{path}: missing keys {missing}")
     out = dict(DEFAULTS)
-    out.update(cfg)
+    out.update({k: v for k, v in cfg.items() if v is not None})
+    if out["eval_batch_size"] is None:
+        out["eval_batch_size"] = out["train_batch_size"]
     if "eval_split" not in cfg and "eval_split_ratio" in cfg:
         out["eval_split"] = cfg["eval_split_ratio"]
     out["optimizer"] = {"OptimiAdamW": "AdamW"}.get(out["optimizer"], out["optimizer"])
@@ -86,6 +93,17 @@ def group_of(name):
         return "language"
     assert name.startswith("model.multi_modal_projector."), name
     return "other"
+
+
+def noise_driven(trainable, cfg):
+    """Trainable tensors whose final value float noise decides under CAME: the attention key biases
+    (BART's `k_proj.bias`, the key third of DaViT's window-attention `qkv.bias`) get a gradient that
+    is zero in exact arithmetic (softmax ignores a constant shift), ~1e-13 in f32, and CAME
+    normalises it per element (eps 1e-30) into steps of about lr; a window `qkv.bias`'s RMS clip
+    couples its query and value thirds to that noise. AdamW's eps 1e-8 damps such gradients."""
+    if cfg["optimizer"] != "CAME":
+        return []
+    return [n for n in trainable if n.endswith("k_proj.bias") or n.endswith("window_attn.qkv.bias")]
 
 
 def apply_freeze(model, cfg):
@@ -172,26 +190,28 @@ class RexLR(torch.optim.lr_scheduler.LRScheduler):
 
 
 def make_scheduler(opt, cfg, total):
-    """REX, Cosine, Constant, Linear; every one but REX behind Florence-2ner's LinearLR warmup
-    (1e-20 -> 1 over W steps, SequentialLR with milestone W) when W > 0. The rate step s uses is
-    the optimizer's lr before the scheduler's s-th step()."""
+    """REX; Cosine and Constant behind Florence-2ner's LinearLR warmup (1e-20 -> 1 over W steps,
+    SequentialLR with milestone W) when W > 0; Linear = transformers' get_linear_schedule_with_warmup
+    (its own warmup 0 -> lr over W steps, then a linear decay reaching min at step T). The rate step s
+    uses is the optimizer's lr before the scheduler's s-th step()."""
     name, w, lr0, lo = cfg["lr_scheduler"], cfg["warmup_steps"], cfg["learning_rate"], cfg["min_learning_rate"]
     S = torch.optim.lr_scheduler
     if name == "REX":
         return RexLR(opt, lr0, lo, total, w)
+    if name == "Linear":
+        rho = lo / lr0
+
+        def factor(t):  # transformers' lr_lambda; with rho = 0 exactly its value
+            if t < w:
+                return t / max(1, w)
+            frac = max(0.0, (total - t) / max(1, total - w))
+            return rho + (1.0 - rho) * frac
+
+        return S.LambdaLR(opt, factor)
     if name == "Cosine":
         main = S.CosineAnnealingLR(opt, T_max=total - w + 1, eta_min=lo)
     elif name == "Constant":
         main = S.LambdaLR(opt, lambda _: 1.0)
-    elif name == "Linear":
-        # transformers' get_linear_schedule_with_warmup (its warmup included) when min = 0.
-        def factor(t):
-            if t < w:
-                return t / max(1, w)
-            frac = max(0.0, (total - t) / max(1, total - w))
-            return (lo + (lr0 - lo) * frac) / lr0
-
-        return S.LambdaLR(opt, factor)
     else:
         raise SystemExit(f"lr_scheduler: unknown value {name!r} (REX, Cosine, Constant, Linear)")
     if w <= 0:
@@ -324,7 +344,7 @@ def train(cfg, out_dir, max_steps=None, tokenizer_dir=None):
         samples=[s.describe(cfg["base_dir"]) for s in found["samples"]], dropped=found["dropped"],
         eval=split["eval"], train=split["train"], epoch_orders=orders, steps_per_epoch=spe, total_steps=total,
         max_steps=max_steps, steps_run=step, n_image_tokens=ctx["n_image_tokens"],
-        trainable=[n for n, _ in trainable],
+        trainable=[n for n, _ in trainable], noise_driven=noise_driven([n for n, _ in trainable], cfg),
     ))
     return model
 
