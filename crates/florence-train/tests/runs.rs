@@ -1,0 +1,158 @@
+//! Whole short runs of `florence_train::train` against the PyTorch reference trainer
+//! (`tests/fixtures/train/runs`): per-step rate, loss, gradient norm and eval loss, and the final
+//! weights; resume equal bit for bit to an uninterrupted run; checkpoints that load and caption.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use florence_train::{Quiet, Summary, TrainOptions};
+
+use common::*;
+
+fn train(config: &Path, output: &Path, resume: Option<&Path>, max_steps: Option<usize>) -> Summary {
+    let options = TrainOptions {
+        config: config.to_path_buf(),
+        output: Some(output.to_path_buf()),
+        resume: resume.map(Path::to_path_buf),
+        max_steps,
+        offline: true,
+    };
+    florence_train::train(&options, &Device::Cpu, &AtomicBool::new(false), &mut Quiet).unwrap()
+}
+
+fn field(line: &serde_json::Value, key: &str) -> f64 {
+    line[key].as_f64().unwrap_or_else(|| panic!("{line} has no {key}"))
+}
+
+fn compare_metrics(run: &str, ours: &[serde_json::Value], reference: &[serde_json::Value]) {
+    assert_eq!(ours.len(), reference.len(), "{run}: {} metric lines, PyTorch {}", ours.len(), reference.len());
+    for (o, r) in ours.iter().zip(reference) {
+        assert_eq!(o["step"], r["step"], "{run}");
+        let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
+        assert_eq!(o.as_object().unwrap().keys().collect::<Vec<_>>(), keys, "{run}: {o} vs {r}");
+        for (key, rel) in [("epoch", 1e-12), ("lr", 1e-9), ("loss", 1e-5), ("eval_loss", 1e-5), ("grad_norm", 1e-4)] {
+            if r.get(key).is_some() {
+                let (a, b) = (field(o, key), field(r, key));
+                let ok = if b == 0.0 { a.abs() <= 1e-15 } else { close(a, b, rel) };
+                assert!(ok, "{run} step {}: {key} {a}, PyTorch {b}", r["step"]);
+            }
+        }
+    }
+}
+
+fn compare_weights(run: &str, layout: &Layout, ours: &Path) {
+    let ours = load(ours);
+    let initial = load(&layout.model().join("model.safetensors"));
+    let reference = load(&fixtures().join("runs").join(run).join("final.safetensors"));
+    let info = json(&fixtures().join("runs").join(run).join("run.json"));
+    let noise: Vec<&str> = info["noise_driven"].as_array().map_or(vec![], |a| a.iter().map(|v| v.as_str().unwrap()).collect());
+    let steps = info["steps_run"].as_u64().unwrap() as f64;
+    let config = std::fs::read_to_string(fixtures().join("runs").join(run).join("config.yaml")).unwrap();
+    let lr: f64 = config
+        .lines()
+        .find_map(|l| l.strip_prefix("learning_rate:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for (name, r) in &reference {
+        let o = ours.get(name).unwrap_or_else(|| panic!("{run}: the checkpoint lacks {name}"));
+        let w0 = &initial[name];
+        let update = norm(&(r - w0).unwrap());
+        let diff = (o - r).unwrap();
+        if noise.contains(&name.as_str()) {
+            // Moved by float noise in both: bounded by what the steps can move an element.
+            let bound = 2.0 * steps * lr * (r.elem_count() as f64).sqrt();
+            assert!(max_abs(&diff) <= bound, "{run}: {name} moved {} > {bound}", max_abs(&diff));
+        } else if update == 0.0 {
+            assert_eq!(max_abs(&(o - w0).unwrap()), 0.0, "{run}: frozen {name} changed");
+        } else {
+            assert!(norm(&diff) <= 0.02 * update, "{run}: {name} differs by {} of an update of {update}", norm(&diff));
+        }
+    }
+}
+
+#[test]
+fn short_runs_equal_pytorch_step_for_step() {
+    let layout = Layout::new();
+    for run in runs() {
+        let out = layout.output(&run);
+        let summary = train(&layout.config(&run), &out, None, None);
+        assert!(!summary.interrupted);
+        let ours = lines(&out.join("metrics.jsonl"));
+        let reference = lines(&fixtures().join("runs").join(&run).join("metrics.jsonl"));
+        compare_metrics(&run, &ours, &reference);
+        compare_weights(&run, &layout, &out.join("final/model.safetensors"));
+    }
+}
+
+#[test]
+fn resume_equals_the_uninterrupted_run_bit_for_bit() {
+    let layout = Layout::new();
+    let config = layout.config("came_rex");
+    let straight = layout.output("straight");
+    train(&config, &straight, None, None);
+    let first = layout.output("first");
+    let half = train(&config, &first, None, Some(3));
+    assert_eq!(half.steps, 3);
+    let checkpoint = half.last_checkpoint.unwrap();
+    assert_eq!(checkpoint, first.join("checkpoint-3"));
+    let second = layout.output("second");
+    let rest = train(&config, &second, Some(&checkpoint), None);
+    assert_eq!(rest.steps, 6);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(straight.join("final").join(file)).unwrap();
+        let b = std::fs::read(second.join("final").join(file)).unwrap();
+        assert!(a == b, "final/{file} differs after resuming");
+    }
+    assert_eq!(
+        std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(second.join("metrics.jsonl")).unwrap()
+    );
+}
+
+#[test]
+fn checkpoints_are_complete_model_folders_that_caption() {
+    let layout = Layout::new();
+    let out = layout.output("freeze");
+    train(&layout.config("freeze"), &out, None, Some(2));
+    let dir = out.join("final");
+    for file in ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(dir.join(file).is_file(), "final/ lacks {file}");
+    }
+    // Frozen tensors are written bit-identical to the input's.
+    let ours = load(&dir.join("model.safetensors"));
+    let initial = load(&layout.model().join("model.safetensors"));
+    assert_eq!(ours.len(), initial.len());
+    for (name, t) in &initial {
+        if name.starts_with("model.vision_tower.") {
+            assert_eq!(max_abs(&(&ours[name] - t).unwrap()), 0.0, "{name}");
+        }
+    }
+    let model = florence::Florence::load(&dir, &florence::LoadOptions::default()).unwrap();
+    let image = florence::preprocess::load_image(&layout.dir.path().join("data/a01.png")).unwrap();
+    let task = florence::Task::new("<CAPTION>", None).unwrap();
+    let out = model.run(&[image], &task, model.generation_config()).unwrap();
+    assert_eq!(out.len(), 1);
+}
+
+#[test]
+fn a_fresh_run_refuses_a_folder_that_holds_one() {
+    let layout = Layout::new();
+    let config = layout.config("freeze");
+    let out = layout.output("twice");
+    train(&config, &out, None, Some(1));
+    let options = TrainOptions { config, output: Some(out.clone()), max_steps: Some(1), offline: true, ..Default::default() };
+    let err = florence_train::train(&options, &Device::Cpu, &AtomicBool::new(false), &mut Quiet).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} already holds a training run; continue it with --resume {}/checkpoint-STEP, or choose another --output",
+            out.display(),
+            out.display()
+        )
+    );
+}
