@@ -53,6 +53,7 @@ impl Came {
             next.push(v);
             scaled
         };
+        // `update / max(rms(update) / clip_threshold, 1)` with the threshold 1.
         let update = scaled.broadcast_div(&rms(&scaled)?.maximum(1.0)?)?;
         let exp_avg = ema(&slots[0], &update, BETA_AVG)?;
         let step = if factored {
