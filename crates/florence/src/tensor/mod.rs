@@ -12,7 +12,9 @@
 pub mod dwconv;
 pub mod ops;
 mod params;
+pub mod projector;
 pub mod segment;
+pub mod vision;
 
 pub use params::{ParamGroup, Parameters, SHARED};
 pub use segment::{Pass, Segment};

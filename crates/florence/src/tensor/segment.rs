@@ -24,6 +24,21 @@ pub trait Segment {
     fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>>;
 }
 
+/// A segment borrowed from the model that owns it: chains are built of references.
+impl<S: Segment + ?Sized> Segment for &S {
+    fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>> {
+        (**self).forward(inputs, mode)
+    }
+}
+
+/// The one input of a segment that takes one.
+pub(crate) fn single(inputs: &[Tensor]) -> Result<&Tensor> {
+    match inputs {
+        [x] => Ok(x),
+        _ => Err(Error::internal(format!("a segment of one input got {}", inputs.len()))),
+    }
+}
+
 /// How a pass through the chain runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass {
