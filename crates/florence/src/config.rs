@@ -478,3 +478,21 @@ impl PreprocessorConfig {
         Self::from_json(&text).map_err(|e| e.in_file(path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_path_rate_is_read_defaulted_and_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/native_f32/config.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let field = "\"drop_path_rate\": 0.1,";
+        assert!(text.contains(field));
+        let with = |value: &str| Florence2Config::from_json(&text.replace(field, value));
+        assert_eq!(with("\"drop_path_rate\": 0.25,").unwrap().vision.drop_path_rate, 0.25);
+        assert_eq!(with("").unwrap().vision.drop_path_rate, 0.1, "transformers' default");
+        let err = with("\"drop_path_rate\": 1.0,").unwrap_err();
+        assert!(err.to_string().contains("drop_path_rate"), "{err}");
+    }
+}
