@@ -41,6 +41,9 @@ pub struct VisionConfig {
     /// Whether the attention `qkv` projections have a bias (native `qkv_bias`; Microsoft's
     /// DaViT always has one).
     pub qkv_bias: bool,
+    /// Stochastic depth of the last block; the blocks' rates rise linearly from 0 to it
+    /// (training only).
+    pub drop_path_rate: f64,
 }
 
 /// Hyper-parameters of the BART language model, plus the generation fields Microsoft stores in it.
@@ -179,6 +182,8 @@ struct RawVisionConfig {
     mlp_ratio: f64,
     #[serde(default = "d_qkv_bias")]
     qkv_bias: bool,
+    #[serde(default = "d_drop_path_rate")]
+    drop_path_rate: f64,
     projection_dim: Option<usize>,
     image_pos_embed: Option<RawPosEmbed>,
     visual_temporal_embedding: Option<RawTemporalEmbed>,
@@ -222,6 +227,9 @@ fn d_mlp_ratio() -> f64 {
 }
 fn d_qkv_bias() -> bool {
     true
+}
+fn d_drop_path_rate() -> f64 {
+    0.1
 }
 
 impl Florence2Config {
@@ -277,6 +285,7 @@ impl Florence2Config {
                 .or(v.max_temporal_embeddings)
                 .unwrap_or(100),
             qkv_bias: v.qkv_bias,
+            drop_path_rate: v.drop_path_rate,
         };
         if let Some(src) = &v.image_feature_source {
             if src != &["spatial_avg_pool", "temporal_avg_pool"] {
@@ -336,6 +345,12 @@ impl Florence2Config {
         }
         if v.window_size == 0 {
             return Err(Error::config("vision_config.window_size must be positive"));
+        }
+        if !(0.0..1.0).contains(&v.drop_path_rate) {
+            return Err(Error::config(format!(
+                "vision_config.drop_path_rate {} is not in [0, 1)",
+                v.drop_path_rate
+            )));
         }
         if !v.dim_embed[n - 1].is_multiple_of(2) {
             return Err(Error::config("the last vision stage needs an even channel count"));
@@ -461,5 +476,23 @@ impl PreprocessorConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json(&text).map_err(|e| e.in_file(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_path_rate_is_read_defaulted_and_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/native_f32/config.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let field = "\"drop_path_rate\": 0.1,";
+        assert!(text.contains(field));
+        let with = |value: &str| Florence2Config::from_json(&text.replace(field, value));
+        assert_eq!(with("\"drop_path_rate\": 0.25,").unwrap().vision.drop_path_rate, 0.25);
+        assert_eq!(with("").unwrap().vision.drop_path_rate, 0.1, "transformers' default");
+        let err = with("\"drop_path_rate\": 1.0,").unwrap_err();
+        assert!(err.to_string().contains("drop_path_rate"), "{err}");
     }
 }

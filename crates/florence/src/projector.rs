@@ -45,33 +45,34 @@ fn temporal_embedding_frame0(max_t: usize, dim: usize, vb: &VarBuilder) -> Resul
     Ok(Tensor::from_vec(v, dim, vb.device())?.to_dtype(vb.dtype())?)
 }
 
-/// Projects DaViT's last feature map into `[B, 1 + h*w, d_model]` language-model embeddings.
+/// Everything the projector does before its final norm: position embeddings, pooling and the
+/// projection, `[B, h, w, C]` to `[B, 1 + h*w, d_model]`. Made of differentiable candle
+/// operations only, so the tensor path shares it.
 #[derive(Debug, Clone)]
-pub struct ImageProjector {
+pub(crate) struct ImageTokens {
     pos: PositionEmbedding2D,
     temporal0: Tensor,
     max_pos: usize,
     /// `[vision_dim, d_model]`, applied as `x @ image_projection`.
     image_projection: Tensor,
-    image_proj_norm: LayerNorm,
 }
 
-impl ImageProjector {
-    /// Loads `image_pos_embed`, `visual_temporal_embed`, `image_projection` and `image_proj_norm`
-    /// from the root of the checkpoint.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+impl ImageTokens {
+    /// Loads `image_pos_embed`, `visual_temporal_embed` and `image_projection` from the root of
+    /// the checkpoint.
+    pub(crate) fn new(cfg: &VisionConfig, vb: &VarBuilder) -> Result<Self> {
         let dim = *cfg.dim_embed.last().expect("validated: at least one stage");
         Ok(Self {
             pos: PositionEmbedding2D::new(cfg.max_pos_embeddings, dim, vb.pp("image_pos_embed"))?,
-            temporal0: temporal_embedding_frame0(cfg.max_temporal_embeddings, dim, &vb)?,
+            temporal0: temporal_embedding_frame0(cfg.max_temporal_embeddings, dim, vb)?,
             max_pos: cfg.max_pos_embeddings,
             image_projection: vb.get((dim, cfg.projection_dim), "image_projection")?,
-            image_proj_norm: LayerNorm::new(cfg.projection_dim, vb.pp("image_proj_norm"))?,
         })
     }
 
-    /// `features` `[B, h, w, C]` (channel-last) to `[B, 1 + h*w, d_model]`, the mean-pooled token first.
-    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+    /// `features` `[B, h, w, C]` (channel-last) to `[B, 1 + h*w, d_model]`, the mean-pooled
+    /// token first, not yet normalized.
+    pub(crate) fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = features.dims4()?;
         // Non-square maps follow the native implementation (the remote code only allows squares).
         if h.max(w) > self.max_pos {
@@ -85,7 +86,29 @@ impl ImageProjector {
         let tokens = x.reshape((b, h * w, c))?;
         let pooled = tokens.mean_keepdim(1)?;
         let feats = Tensor::cat(&[pooled, tokens], 1)?;
-        let projected = feats.broadcast_matmul(&self.image_projection)?;
-        self.image_proj_norm.forward(&projected)
+        Ok(feats.broadcast_matmul(&self.image_projection)?)
+    }
+}
+
+/// Projects DaViT's last feature map into `[B, 1 + h*w, d_model]` language-model embeddings.
+#[derive(Debug, Clone)]
+pub struct ImageProjector {
+    tokens: ImageTokens,
+    image_proj_norm: LayerNorm,
+}
+
+impl ImageProjector {
+    /// Loads `image_pos_embed`, `visual_temporal_embed`, `image_projection` and `image_proj_norm`
+    /// from the root of the checkpoint.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            tokens: ImageTokens::new(cfg, &vb)?,
+            image_proj_norm: LayerNorm::new(cfg.projection_dim, vb.pp("image_proj_norm"))?,
+        })
+    }
+
+    /// `features` `[B, h, w, C]` (channel-last) to `[B, 1 + h*w, d_model]`, the mean-pooled token first.
+    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        self.image_proj_norm.forward(&self.tokens.forward(features)?)
     }
 }

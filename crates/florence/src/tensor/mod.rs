@@ -9,9 +9,12 @@
 //! The model runs as a chain of [`Segment`]s so that backward can go segment by segment, with
 //! recomputation (gradient checkpointing) or without: see [`segment`].
 
+pub mod dwconv;
 pub mod ops;
 mod params;
+pub mod projector;
 pub mod segment;
+pub mod vision;
 
 pub use params::{ParamGroup, Parameters, SHARED};
 pub use segment::{Pass, Segment};

@@ -24,10 +24,18 @@ pub trait Segment {
     fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>>;
 }
 
-/// A part of a model is a segment of the model's chain by reference.
-impl<T: Segment + ?Sized> Segment for &T {
+/// A segment borrowed from the model that owns it: chains are built of references.
+impl<S: Segment + ?Sized> Segment for &S {
     fn forward(&self, inputs: &[Tensor], mode: &mut Mode) -> Result<Vec<Tensor>> {
         (**self).forward(inputs, mode)
+    }
+}
+
+/// The one input of a segment that takes one.
+pub(crate) fn single(inputs: &[Tensor]) -> Result<&Tensor> {
+    match inputs {
+        [x] => Ok(x),
+        _ => Err(Error::internal(format!("a segment of one input got {}", inputs.len()))),
     }
 }
 
