@@ -9,6 +9,8 @@
 //! The model runs as a chain of [`Segment`]s so that backward can go segment by segment, with
 //! recomputation (gradient checkpointing) or without: see [`segment`].
 
+pub mod language;
+pub mod loss;
 pub mod ops;
 mod params;
 pub mod segment;
