@@ -316,3 +316,50 @@ fn segment_wise_backward_equals_one_graph_and_checkpointing_changes_nothing() ->
     }
     Ok(())
 }
+
+/// Every language parameter's gradient against transformers' BART on one padded micro-batch
+/// with `pad_in_loss` (tools/reference/language_grad_ref.py).
+#[test]
+fn gradients_equal_transformers() -> Result<()> {
+    let f = fixture("native_f32")?;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/language_grad.safetensors");
+    let reference = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let model = BartLanguageModel::new(&f.config.text, f.params.var_builder())?;
+    let (_, inputs) = batch(true)?;
+    let pass = Pass {
+        train: false,
+        seed: 0,
+        checkpointing: true,
+    };
+    let named: Vec<(&str, Var)> = f
+        .params
+        .trainable()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("language_model."))
+        .map(|(n, v)| (n, v.clone()))
+        .collect();
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let (loss, grads) = segment::backward(
+        &model.segments(&inputs),
+        vec![reference["image_embeds"].clone()],
+        &vars,
+        1.0,
+        &pass,
+    )?;
+    assert_close(&loss.reshape(1)?, &reference["loss"], 1e-5, "loss")?;
+    assert_eq!(named.len(), reference.len() - 2, "one reference gradient per parameter");
+    for ((name, _), grad) in named.iter().zip(&grads) {
+        let expected = &reference[&format!("grad.{name}")];
+        let got = grad.as_ref().expect("every language parameter gets a gradient");
+        let diff = max_abs(&(got - expected)?)?;
+        if name.ends_with("k_proj.bias") {
+            // Exactly zero (a constant added to a row of scores leaves the softmax as it is):
+            // both sides hold rounding noise.
+            assert!(max_abs(got)? < 1e-6 && max_abs(expected)? < 1e-6, "{name}");
+            continue;
+        }
+        let scale = max_abs(expected)?;
+        assert!(diff <= 1e-4 * scale, "{name}: differs by {diff:e} (scale {scale:e})");
+    }
+    Ok(())
+}
