@@ -85,6 +85,15 @@ pub struct TextConfig {
     /// The token the decoder starts from.
     #[serde(default = "default_eos")]
     pub decoder_start_token_id: u32,
+    /// Dropout on the embeddings and on every residual branch, in training.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Dropout on the attention probabilities, in training.
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Dropout after the MLPs' activation, in training.
+    #[serde(default)]
+    pub activation_dropout: f64,
     /// Generation settings saved by transformers 4.x; `None` where the file does not set them.
     #[serde(flatten)]
     pub generation: GenerationOverrides,
@@ -129,6 +138,10 @@ fn default_pad() -> u32 {
 }
 fn default_eos() -> u32 {
     2
+}
+/// BART's default `dropout` (its attention and activation dropouts default to 0).
+fn default_dropout() -> f64 {
+    0.1
 }
 
 /// Which of the two published checkpoint layouts a model directory uses (spec §9).
@@ -372,6 +385,17 @@ impl Florence2Config {
                 "vision projection_dim {} differs from text d_model {}",
                 v.projection_dim, t.d_model
             )));
+        }
+        for (name, p) in [
+            ("dropout", t.dropout),
+            ("attention_dropout", t.attention_dropout),
+            ("activation_dropout", t.activation_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config(format!(
+                    "text_config.{name} = {p} is not a probability below 1"
+                )));
+            }
         }
         if t.activation_function != "gelu" {
             return Err(Error::config(format!(

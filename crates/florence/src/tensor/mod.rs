@@ -10,11 +10,15 @@
 //! recomputation (gradient checkpointing) or without: see [`segment`].
 
 pub mod dwconv;
+mod florence2;
+pub mod language;
+pub mod loss;
 pub mod ops;
 mod params;
 pub mod projector;
 pub mod segment;
 pub mod vision;
 
+pub use florence2::Florence2;
 pub use params::{ParamGroup, Parameters, SHARED};
 pub use segment::{Pass, Segment};
