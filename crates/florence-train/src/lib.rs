@@ -4,3 +4,7 @@
 //! learning-rate schedules, and the trainer that drives the differentiable model path of the
 //! `florence` crate. The arithmetic follows PyTorch's; `tools/reference` holds the oracle.
 #![warn(missing_docs)]
+
+pub mod config;
+
+pub use config::{DataSource, EvalSplit, LossNormalization, ModelSource, OptimizerName, SchedulerName, TrainConfig};
