@@ -109,7 +109,12 @@ impl<'de> Visitor<'de> for NodeVisitor {
             let key = match key {
                 Node::Str(s) => s,
                 Node::Int(_) | Node::UInt(_) | Node::Float(_) | Node::Bool(_) => key.describe(),
-                other => return Err(A::Error::custom(format!("a key must be text, not {}", other.describe()))),
+                other => {
+                    return Err(A::Error::custom(format!(
+                        "a key must be text, not {}",
+                        other.describe()
+                    )))
+                }
             };
             if entries.iter().any(|(k, _)| *k == key) {
                 return Err(A::Error::custom(format!("key {key:?} is given twice")));

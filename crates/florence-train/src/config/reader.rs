@@ -12,19 +12,40 @@ use super::{config_error, DataSource, EvalSplit, LossNormalization, ModelSource,
 const IGNORED: &[(&str, &str)] = &[
     ("attn_implementation", "attention is computed by this crate's own ops"),
     ("use_bf16", "training runs in f32"),
-    ("do_extra_eval", "BLEU/METEOR/ROUGE are not computed; eval loss and sample captions are"),
-    ("print_first_batch_predictions", "a few eval captions are always printed and saved"),
+    (
+        "do_extra_eval",
+        "BLEU/METEOR/ROUGE are not computed; eval loss and sample captions are",
+    ),
+    (
+        "print_first_batch_predictions",
+        "a few eval captions are always printed and saved",
+    ),
     ("garbage_collection", "there is no garbage collector to run"),
     ("do_gc", "there is no garbage collector to run"),
     ("activation_offloading", "use gradient_checkpointing to save memory"),
     ("gpu_limit_mb", "activation offloading does not apply"),
     ("offload_cpu_limit_mb", "activation offloading does not apply"),
     ("filtering_processes", "captions are filtered on this process's threads"),
-    ("filtering_processes_per_thread", "captions are filtered on this process's threads"),
-    ("filtering_batch_size", "captions are filtered on this process's threads"),
-    ("dataloader_workers", "images are decoded ahead on worker threads of their own"),
-    ("dataloader_prefetch_factor", "images are decoded ahead on worker threads of their own"),
-    ("persistent_workers", "images are decoded ahead on worker threads of their own"),
+    (
+        "filtering_processes_per_thread",
+        "captions are filtered on this process's threads",
+    ),
+    (
+        "filtering_batch_size",
+        "captions are filtered on this process's threads",
+    ),
+    (
+        "dataloader_workers",
+        "images are decoded ahead on worker threads of their own",
+    ),
+    (
+        "dataloader_prefetch_factor",
+        "images are decoded ahead on worker threads of their own",
+    ),
+    (
+        "persistent_workers",
+        "images are decoded ahead on worker threads of their own",
+    ),
 ];
 
 /// Every key read into [`TrainConfig`] (for the unknown-key check and its suggestion).
@@ -61,7 +82,6 @@ const KEYS: &[&str] = &[
     "dataset_path",
     "dataset_config",
 ];
-
 
 /// The keys of one config file, taken one by one into typed values.
 pub(super) struct Reader<'a> {
@@ -154,14 +174,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// One of an enum's names, as its serde names spell them.
-    fn choice<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Node::Str(s)) => serde_json::from_value(serde_json::Value::String(s))
-                .map(Some)
-                .map_err(|e| self.error(key, strip_position(&e.to_string()))),
-            Some(v) => Err(self.error(key, format!("must be a name, not {}", v.describe()))),
+    /// One of an enum's names (`names` lists the canonical ones for the message).
+    fn choice<T: DeserializeOwned>(&mut self, key: &str, names: &str) -> Result<Option<T>> {
+        let Some(v) = self.take(key) else { return Ok(None) };
+        let parsed = match &v {
+            Node::Str(s) => serde_json::from_value(serde_json::Value::String(s.clone())).ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(t) => Ok(Some(t)),
+            None => Err(self.error(key, format!("must be one of {names}, not {}", v.describe()))),
         }
     }
 
@@ -171,7 +193,10 @@ impl<'a> Reader<'a> {
         let model = self.model()?;
         let run_name = match self.text("run_name")? {
             Some(name) => name,
-            None => self.file.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()),
+            None => self
+                .file
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned()),
         };
         let output_dir = match self.text("output_dir")? {
             Some(dir) => self.dir.join(dir),
@@ -179,9 +204,11 @@ impl<'a> Reader<'a> {
         };
         let epochs = self.count("epochs", 1)?;
         let epochs = self.required("epochs", epochs)?;
-        let optimizer = self.choice("optimizer")?;
+        let optimizer = self.choice("optimizer", "CAME, AdamW (or OptimiAdamW)")?;
         let optimizer = self.required("optimizer", optimizer)?;
-        let lr_scheduler = self.choice("lr_scheduler")?.unwrap_or(SchedulerName::Cosine);
+        let lr_scheduler = self
+            .choice("lr_scheduler", "REX, Cosine, Constant, Linear")?
+            .unwrap_or(SchedulerName::Cosine);
         let learning_rate = self.number("learning_rate", 0.0, true)?;
         let learning_rate = self.required("learning_rate", learning_rate)?;
         let min_learning_rate = self.number("min_learning_rate", 0.0, false)?.unwrap_or(0.0);
@@ -221,7 +248,9 @@ impl<'a> Reader<'a> {
             freeze_other: self.bool("freeze_other", false)?,
             gradient_checkpointing: self.bool("gradient_checkpointing", false)?,
             shuffle: self.bool("shuffle", true)?,
-            loss_normalization: self.choice("loss_normalization")?.unwrap_or(LossNormalization::Mean),
+            loss_normalization: self
+                .choice("loss_normalization", "mean, token_count")?
+                .unwrap_or(LossNormalization::Mean),
             pad_in_loss: self.bool("pad_in_loss", false)?,
             file: self.file.to_path_buf(),
         };
@@ -269,7 +298,10 @@ impl<'a> Reader<'a> {
         } else {
             Err(self.error(
                 "model_name",
-                format!("is neither a folder ({}) nor a hub id like microsoft/Florence-2-base", folder.display()),
+                format!(
+                    "is neither a folder ({}) nor a hub id like microsoft/Florence-2-base",
+                    folder.display()
+                ),
             ))
         }
     }
@@ -391,7 +423,10 @@ impl<'a> Reader<'a> {
         if dir.is_dir() {
             Ok(dir)
         } else {
-            Err(self.error(key, format!("names {path:?}, which is not a folder ({})", dir.display())))
+            Err(self.error(
+                key,
+                format!("names {path:?}, which is not a folder ({})", dir.display()),
+            ))
         }
     }
 
@@ -416,11 +451,6 @@ fn ignored(key: &str) -> Option<&'static str> {
         return Some("there is no Weights & Biases logging; metrics go to metrics.jsonl");
     }
     IGNORED.iter().find(|(k, _)| *k == key).map(|(_, why)| *why)
-}
-
-/// serde_json's value errors end in " at line 0 column 0", which means nothing here.
-fn strip_position(message: &str) -> &str {
-    message.split(" at line ").next().unwrap_or(message)
 }
 
 /// The known key nearest to `key` by edit distance, if it is near enough to be a typo.
