@@ -8,3 +8,4 @@
 pub mod config;
 
 pub use config::{DataSource, EvalSplit, LossNormalization, ModelSource, OptimizerName, SchedulerName, TrainConfig};
+pub mod data;
