@@ -17,7 +17,11 @@ fn set() -> PathBuf {
 
 fn tokenizer() -> FlorenceTokenizer {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/tokenizer-florence");
-    assert!(dir.is_dir(), "{} is missing: the data tests need the shared tokenizer", dir.display());
+    assert!(
+        dir.is_dir(),
+        "{} is missing: the data tests need the shared tokenizer",
+        dir.display()
+    );
     FlorenceTokenizer::from_dir(&dir).unwrap()
 }
 
@@ -38,7 +42,10 @@ fn check(config: &str) {
         .samples
         .iter()
         .map(|s| {
-            let (file, record) = s.caption_file.split_once('#').map_or((&*s.caption_file, None), |(f, r)| (f, Some(r)));
+            let (file, record) = s
+                .caption_file
+                .split_once('#')
+                .map_or((&*s.caption_file, None), |(f, r)| (f, Some(r)));
             let caption_file = rel(file) + &record.map_or(String::new(), |r| format!("#{r}"));
             json!({"prompt": s.prompt, "image": rel(&s.image), "caption_file": caption_file, "caption": s.caption,
                    "prompt_ids": s.prompt_ids, "label_ids": s.label_ids})
@@ -52,12 +59,22 @@ fn check(config: &str) {
     let unreadable: Vec<String> = found.unreadable.iter().map(|(p, _)| rel(p)).collect();
     assert_eq!(json!(unreadable), expected["unreadable"], "{config}: unreadable");
     for (path, why) in &found.unreadable {
-        assert!(why.contains(&path.display().to_string()), "{why:?} should name {}", path.display());
+        assert!(
+            why.contains(&path.display().to_string()),
+            "{why:?} should name {}",
+            path.display()
+        );
     }
 
     let split = data::split(found.samples.len(), &cfg);
-    assert_eq!(json!({"eval": split.eval, "train": split.train}), expected["split"], "{config}: split");
-    let orders: Vec<Vec<usize>> = (0..cfg.epochs).map(|e| data::epoch_order(&split.train, &cfg, e)).collect();
+    assert_eq!(
+        json!({"eval": split.eval, "train": split.train}),
+        expected["split"],
+        "{config}: split"
+    );
+    let orders: Vec<Vec<usize>> = (0..cfg.epochs)
+        .map(|e| data::epoch_order(&split.train, &cfg, e))
+        .collect();
     assert_eq!(json!(orders), expected["epoch_orders"], "{config}: epoch orders");
     let (b, a) = (cfg.train_batch_size, cfg.gradient_accumulation_steps);
     let windows: Vec<_> = orders.iter().map(|o| data::windows(o, b, a)).collect();
@@ -79,8 +96,14 @@ fn discovery_and_order_match_the_reference_form_c_sharegpt() {
 
 #[test]
 fn prompts_expand_as_florence2_processor() {
-    assert_eq!(data::construct_prompt("<OD>").unwrap(), "Locate the objects with category name in the image.");
-    assert_eq!(data::construct_prompt("<REGION_TO_OCR> <loc_1> ").unwrap(), "What text is in the region <loc_1>?");
+    assert_eq!(
+        data::construct_prompt("<OD>").unwrap(),
+        "Locate the objects with category name in the image."
+    );
+    assert_eq!(
+        data::construct_prompt("<REGION_TO_OCR> <loc_1> ").unwrap(),
+        "What text is in the region <loc_1>?"
+    );
     assert_eq!(data::construct_prompt("free <b>").unwrap(), "free <b>");
     assert_eq!(
         data::construct_prompt("<CAPTION> please").unwrap_err().to_string(),
@@ -93,9 +116,15 @@ fn prompts_expand_as_florence2_processor() {
 /// with an error naming a file that became unreadable.
 #[test]
 fn prefetcher_yields_processor_pixels_in_order_and_names_bad_files() {
-    let config = PreprocessorConfig { width: 16, height: 12, ..PreprocessorConfig::default() };
+    let config = PreprocessorConfig {
+        width: 16,
+        height: 12,
+        ..PreprocessorConfig::default()
+    };
     let processor = ImageProcessor::new(config);
-    let images: Arc<[PathBuf]> = ["a/img1.png", "a/b.jpg", "c/c2.png", "a/bad.png"].map(|p| set().join(p)).into();
+    let images: Arc<[PathBuf]> = ["a/img1.png", "a/b.jpg", "c/c2.png", "a/bad.png"]
+        .map(|p| set().join(p))
+        .into();
     let batches = vec![vec![2, 0], vec![1], vec![3, 0]];
     let got: Vec<_> = data::Prefetcher::new(images.clone(), batches, processor.clone(), 1, 2).collect();
     assert_eq!(got.len(), 3);
@@ -120,7 +149,11 @@ fn eval_list_names_the_eval_images() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("eval_image_paths.txt");
     data::write_eval_list(&path, &found.samples, &[4, 0]).unwrap();
-    let want = format!("{}\n{}\n", found.samples[4].image.display(), found.samples[0].image.display());
+    let want = format!(
+        "{}\n{}\n",
+        found.samples[4].image.display(),
+        found.samples[0].image.display()
+    );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
