@@ -157,3 +157,28 @@ fn eval_list_names_the_eval_images() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
+
+/// A malformed ShareGPT record or a task token with extra text stops discovery, naming the file.
+#[test]
+fn malformed_records_stop_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |records: &str| {
+        std::fs::write(tmp.path().join("s.jsonl"), records).unwrap();
+        let config = "model_name: m/n\nepochs: 1\noptimizer: CAME\nlearning_rate: 1\ntrain_batch_size: 1\ndataset_config: [s.jsonl]\n";
+        std::fs::write(tmp.path().join("r.yaml"), config).unwrap();
+        let (cfg, _) = TrainConfig::from_file(&tmp.path().join("r.yaml")).unwrap();
+        data::discover(&cfg, &tokenizer(), 1024).unwrap_err().to_string()
+    };
+    let file = tmp.path().join("s.jsonl").display().to_string();
+    let no_gpt = r#"{"image": "x.png", "conversations": [{"from": "human", "value": "<CAPTION>"}]}"#;
+    assert_eq!(
+        run(no_gpt),
+        format!("{file}: record 0: no \"gpt\" turn in \"conversations\"")
+    );
+    assert!(run("{\n").starts_with(&format!("{file}: line 1: ")));
+    let extra = r#"{"image": "x.png", "conversations": [{"from": "human", "value": "<OD> cats"}, {"from": "gpt", "value": "c"}]}"#;
+    assert_eq!(
+        run(extra),
+        format!("{file}#0: task token <OD> should be the only content in the prompt \"<OD> cats\"")
+    );
+}
