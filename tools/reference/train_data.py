@@ -5,8 +5,6 @@ import json
 import os
 from dataclasses import dataclass
 
-from PIL import Image
-
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK64 = (1 << 64) - 1
 
@@ -76,36 +74,60 @@ def find_image(folder, stem):
 
 
 def read_caption(path):
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8")
+    """Florence-2ner's `open(path, "r").read()`: UTF-8 text mode, universal newlines."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
-def beside(prompt, folder):
+def image_error(path):
+    """None if PIL opens and converts the image as Florence-2ner's dataset does, else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure makes the image unreadable
+        return str(e) or type(e).__name__
+
+
+def caption_names(folder):
+    """The `*.txt` files of `folder` (not recursive: `glob("*.txt")`), in byte order."""
+    names = [n for n in os.listdir(folder) if n.endswith(".txt") and os.path.isfile(os.path.join(folder, n))]
+    return sorted(names, key=lambda n: n.encode())
+
+
+def pair(prompt, image_dir, cap_path, found):
+    """(prompt, image, caption file, text), or None with the caption noted as imageless/unreadable."""
+    image = find_image(image_dir, os.path.basename(cap_path)[:-4])
+    if image is None:
+        found["no_image"].append(cap_path)
+        return None
+    try:
+        return (prompt, image, cap_path, read_caption(cap_path))
+    except UnicodeDecodeError as e:
+        found["unreadable"].append((cap_path, str(e)))
+        return None
+
+
+def beside(prompt, folder, found):
     """Forms (a) and (b): `<stem>.txt` beside the images, in byte order of the caption's name."""
-    out = []
-    names = sorted((n for n in os.listdir(folder) if n.endswith(".txt")), key=lambda n: n.encode())
-    for name in names:
-        image = find_image(folder, name[:-4])
-        if image is not None:
-            out.append((prompt, image, os.path.join(folder, name), read_caption(os.path.join(folder, name))))
-    return out
+    out = [pair(prompt, folder, os.path.join(folder, n), found) for n in caption_names(folder)]
+    return [r for r in out if r is not None]
 
 
-def by_prompt_folders(folder):
+def by_prompt_folders(folder, found):
     """Form (c): subfolders named after task prompts hold `<stem>.txt`, images in the folder itself;
     samples in byte order of the caption's relative path (`<PROMPT>/<stem>.txt`)."""
     rels = []
     for sub in os.listdir(folder):
         if os.path.isdir(os.path.join(folder, sub)):
-            rels += [f"{sub}/{n}" for n in os.listdir(os.path.join(folder, sub)) if n.endswith(".txt")]
+            rels += [f"{sub}/{n}" for n in caption_names(os.path.join(folder, sub))]
     out = []
     for rel in sorted(rels, key=lambda r: r.encode()):
         sub, name = rel.split("/")
-        image = find_image(folder, name[:-4])
-        if image is not None:
-            path = os.path.join(folder, sub, name)
-            out.append((sub, image, path, read_caption(path)))
-    return out
+        out.append(pair(sub, folder, os.path.join(folder, sub, name), found))
+    return [r for r in out if r is not None]
 
 
 def sharegpt(path):
@@ -122,54 +144,53 @@ def sharegpt(path):
     return out
 
 
-def raw_sources(cfg):
+def raw_sources(cfg, found):
+    """`dataset_path` (with `task_prompt`) and `dataset_config`, in the order the keys are written."""
     base = cfg["base_dir"]
-    resolve = lambda p: os.path.normpath(os.path.join(base, p))
-    if "dataset_config" in cfg:
-        dc = cfg["dataset_config"]
-        if isinstance(dc, dict):  # form (b)
-            out = []
-            for prompt, folders in dc.items():
-                for folder in [folders] if isinstance(folders, str) else folders:
-                    out += beside(prompt, resolve(folder))
-            return out
-        out = []
-        for entry in dc:  # form (c), and ShareGPT files
-            path = resolve(entry)
-            out += sharegpt(path) if path.endswith((".json", ".jsonl")) else by_prompt_folders(path)
-        return out
-    return beside(cfg["task_prompt"], resolve(cfg["dataset_path"]))  # form (a)
-
-
-def readable(path):
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB")
-        return True
-    except (OSError, ValueError):
-        return False
+    resolve = lambda p: os.path.join(base, p)
+    as_list = lambda v: [v] if isinstance(v, str) else v
+    is_sharegpt = lambda p: p.lower().endswith((".json", ".jsonl"))
+    out = []
+    for key in cfg:
+        if key == "dataset_path":  # form (a), or ShareGPT files
+            for entry in as_list(cfg[key]):
+                path = resolve(entry)
+                out += sharegpt(path) if is_sharegpt(path) else beside(cfg["task_prompt"], path, found)
+        elif key == "dataset_config" and isinstance(cfg[key], dict):  # form (b)
+            for prompt, folders in cfg[key].items():
+                for folder in as_list(folders):
+                    out += beside(prompt, resolve(folder), found)
+        elif key == "dataset_config":  # form (c), and ShareGPT files
+            for entry in cfg[key]:
+                path = resolve(entry)
+                out += sharegpt(path) if is_sharegpt(path) else by_prompt_folders(path, found)
+    return out
 
 
 def discover(cfg, tok, max_label_len):
     """All samples in source order; captions cleaned; a caption whose label (`<s> caption </s>`)
-    is longer than the decoder's positions, or whose image cannot be decoded, is dropped (before
-    the split)."""
+    is longer than the decoder's positions is dropped, then images PIL cannot open and convert
+    are dropped, both before the split. Captions without an image are skipped and listed."""
+    found = dict(no_image=[], unreadable=[])
     samples, dropped = [], []
     prompt_cache = {}
-    for prompt, image, cap_file, raw in raw_sources(cfg):
+    for prompt, image, cap_file, raw in raw_sources(cfg, found):
         caption = clean_caption(raw)
         label = tok(caption)["input_ids"]
-        where = os.path.relpath(cap_file.split("#")[0], cfg["base_dir"]) + ("#" + cap_file.split("#")[1] if "#" in cap_file else "")
         if len(label) > max_label_len:
-            dropped.append(dict(caption_file=where, reason="label too long", label_len=len(label)))
-            continue
-        if not readable(image):
-            dropped.append(dict(caption_file=where, reason="unreadable image"))
+            dropped.append((cap_file, len(label)))
             continue
         if prompt not in prompt_cache:
             prompt_cache[prompt] = tok(construct_prompt(prompt))["input_ids"]
         samples.append(Sample(prompt, image, cap_file, caption, prompt_cache[prompt], label))
-    return dict(samples=samples, dropped=dropped)
+    kept = []
+    for s in samples:
+        why = image_error(s.image)
+        if why is None:
+            kept.append(s)
+        else:
+            found["unreadable"].append((s.image, why))
+    return dict(samples=kept, dropped=dropped, **found)
 
 
 class SplitMix64:
@@ -194,10 +215,9 @@ def shuffled(items, seed):
     return items
 
 
-def split(samples, cfg):
+def split(n, cfg):
     """Indices into `samples`: eval = the first k of the (shuffled) list, train = the rest;
     k = floor(n * eval_split) for eval_split < 1, else min(eval_split, n)."""
-    n = len(samples)
     order = shuffled(range(n), cfg["seed"]) if cfg["shuffle"] else list(range(n))
     es = cfg["eval_split"] or 0
     k = int(n * es) if es < 1 else min(int(es), n)

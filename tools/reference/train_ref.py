@@ -271,7 +271,7 @@ def train(cfg, out_dir, max_steps=None, tokenizer_dir=None):
     ctx = context(model, tok, cfg, model_dir)
     max_label = model.config.text_config.max_position_embeddings
     found = data.discover(cfg, tok, max_label)
-    split = data.split(found["samples"], cfg)
+    split = data.split(len(found["samples"]), cfg)
     trainable = apply_freeze(model, cfg)
     params = [p for _, p in trainable]
     opt = make_optimizer(params, cfg)
