@@ -341,7 +341,8 @@ def train(cfg, out_dir, max_steps=None, tokenizer_dir=None):
     final = {n: p.detach().contiguous().clone() for n, p in model.named_parameters()}
     save_file(final, os.path.join(out_dir, "final.safetensors"))
     ref.write_json(os.path.join(out_dir, "run.json"), dict(
-        samples=[s.describe(cfg["base_dir"]) for s in found["samples"]], dropped=found["dropped"],
+        samples=[s.describe(cfg["base_dir"]) for s in found["samples"]], dropped=[dict(caption_file=os.path.relpath(f.split("#")[0], cfg["base_dir"]), label_len=n) for f, n in found["dropped"]],
+        unreadable=[dict(image=os.path.relpath(p, cfg["base_dir"]), reason=why) for p, why in found["unreadable"]],
         eval=split["eval"], train=split["train"], epoch_orders=orders, steps_per_epoch=spe, total_steps=total,
         max_steps=max_steps, steps_run=step, n_image_tokens=ctx["n_image_tokens"],
         trainable=[n for n, _ in trainable], noise_driven=noise_driven([n for n, _ in trainable], cfg),

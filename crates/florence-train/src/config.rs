@@ -43,36 +43,10 @@ use std::path::{Path, PathBuf};
 use florence::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::optim::OptimizerKind;
+use crate::schedule::ScheduleKind;
 use node::Node;
 use reader::Reader;
-
-/// The optimizer (`optimizer`). Florence-2ner's `OptimiAdamW` is read as AdamW.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OptimizerName {
-    /// CAME, the arithmetic of `came-pytorch` 0.1.3.
-    #[serde(rename = "CAME", alias = "came", alias = "Came")]
-    Came,
-    /// `torch.optim.AdamW`.
-    #[serde(rename = "AdamW", alias = "adamw", alias = "OptimiAdamW")]
-    AdamW,
-}
-
-/// The learning-rate schedule (`lr_scheduler`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SchedulerName {
-    /// Florence-2ner's REX.
-    #[serde(rename = "REX", alias = "rex", alias = "Rex")]
-    Rex,
-    /// Linear warmup, then cosine annealing.
-    #[serde(rename = "Cosine", alias = "cosine")]
-    Cosine,
-    /// Linear warmup, then constant.
-    #[serde(rename = "Constant", alias = "constant")]
-    Constant,
-    /// Linear warmup, then linear decay to `min_learning_rate`.
-    #[serde(rename = "Linear", alias = "linear")]
-    Linear,
-}
 
 /// How a window's micro-batch losses make one step's gradient (`loss_normalization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +126,9 @@ pub struct TrainConfig {
     /// `epochs` (>= 1).
     pub epochs: usize,
     /// `optimizer`.
-    pub optimizer: OptimizerName,
+    pub optimizer: OptimizerKind,
     /// `lr_scheduler`.
-    pub lr_scheduler: SchedulerName,
+    pub lr_scheduler: ScheduleKind,
     /// `learning_rate` (> 0): the peak rate.
     pub learning_rate: f64,
     /// `min_learning_rate` (0 to `learning_rate`): where the schedules end.

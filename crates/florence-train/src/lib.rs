@@ -17,7 +17,7 @@ pub mod trainer;
 
 use std::sync::atomic::AtomicBool;
 
-pub use config::{DataSource, EvalSplit, LossNormalization, ModelSource, OptimizerName, SchedulerName, TrainConfig};
+pub use config::{DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig};
 pub use plan::{Plan, TrainOptions};
 pub use trainer::{Progress, Quiet, StepMetrics, Summary, Trainer};
 

@@ -8,19 +8,23 @@
 use std::f64::consts::PI;
 
 /// The schedules `florence train` offers (Florence-2ner's `lr_scheduler` key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ScheduleKind {
     /// Florence-2ner's `RexLR`: linear warmup to `lr`, then the reflected-exponential decay to
     /// `min_lr` at the last step.
+    #[serde(rename = "REX", alias = "rex", alias = "Rex")]
     Rex,
     /// Florence-2ner's cosine: `SequentialLR(LinearLR(1e-20 -> 1 over W), CosineAnnealingLR(
     /// T_max = T - W + 1, eta_min = min_lr))` with milestone W, the cosine alone for W = 0.
+    #[serde(rename = "Cosine", alias = "cosine")]
     Cosine,
     /// `lr` after the same `LinearLR` warmup as Cosine (Florence-2ner's `ConstantLR` with torch's
     /// defaults, lr/3 for five steps, is taken for an accident).
+    #[serde(rename = "Constant", alias = "constant")]
     Constant,
     /// transformers' `get_linear_schedule_with_warmup` (0 -> lr over W, its own warmup), decaying
     /// linearly to `min_lr` at step T.
+    #[serde(rename = "Linear", alias = "linear")]
     Linear,
 }
 

@@ -2,8 +2,8 @@
 //! step, evaluation and checkpoints, as `SEMANTICS.md` defines them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use florence::tensor::segment::{self, Pass};
@@ -79,6 +79,8 @@ pub struct Trainer<'p> {
     writer: CheckpointWriter,
     metrics: MetricsLog,
     device: Device,
+    /// Every sample's image, for the prefetcher.
+    images: Arc<[PathBuf]>,
 }
 
 impl<'p> Trainer<'p> {
@@ -108,7 +110,7 @@ impl<'p> Trainer<'p> {
                 c.file.display()
             )));
         }
-        let mut optimizer = optim::OptimizerKind::from(c.optimizer).build(c.weight_decay);
+        let mut optimizer = c.optimizer.build(c.weight_decay);
         if plan.resume.is_some() {
             let path = plan.model_dir.join(output::OPTIMIZER);
             let state = candle_core::safetensors::load(&path, device)
@@ -116,7 +118,7 @@ impl<'p> Trainer<'p> {
             optimizer.load_state(&trainable, &state)?;
         }
         let schedule = Schedule::new(
-            c.lr_scheduler.into(),
+            c.lr_scheduler,
             c.learning_rate,
             c.min_learning_rate,
             c.warmup_steps,
@@ -137,6 +139,7 @@ impl<'p> Trainer<'p> {
             writer,
             metrics,
             device: device.clone(),
+            images: plan.data.samples.iter().map(|s| s.image.clone()).collect(),
         })
     }
 
@@ -160,7 +163,7 @@ impl<'p> Trainer<'p> {
             let windows = data::windows(&order, c.train_batch_size, c.gradient_accumulation_steps);
             let windows = &windows[step - epoch * spe..];
             let batches: Vec<Vec<usize>> = windows.iter().flatten().cloned().collect();
-            let mut pixels = Prefetcher::new(&plan.data.samples, batches, &plan.preprocessor);
+            let mut pixels = self.prefetch(batches);
             for window in windows {
                 if step >= plan.stop_step {
                     break 'epochs;
@@ -217,7 +220,7 @@ impl<'p> Trainer<'p> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens, mut samples) = (0f64, 0usize, 0usize);
         for (micro, batch) in window.iter().enumerate() {
-            let (indices, pixel_values) = pixels.next_batch()?;
+            let (indices, pixel_values) = next_batch(pixels)?;
             debug_assert_eq!(&indices, batch);
             let text = self.text_inputs(batch)?;
             let n = text.label_count;
@@ -277,6 +280,12 @@ impl<'p> Trainer<'p> {
         })
     }
 
+    /// Decodes and preprocesses the images of `batches` ahead, in order, on worker threads.
+    fn prefetch(&self, batches: Vec<Vec<usize>>) -> Prefetcher {
+        let processor = florence::ImageProcessor::new(self.plan.preprocessor.clone());
+        Prefetcher::new(self.images.clone(), batches, processor, PREFETCH_AHEAD, PREFETCH_WORKERS)
+    }
+
     /// The collated text of the samples `batch`.
     fn text_inputs(&self, batch: &[usize]) -> Result<TextInputs> {
         let samples = &self.plan.data.samples;
@@ -298,7 +307,7 @@ impl<'p> Trainer<'p> {
             .map(<[usize]>::to_vec)
             .collect();
         let count = batches.len();
-        let mut pixels = Prefetcher::new(&plan.data.samples, batches, &plan.preprocessor);
+        let mut pixels = self.prefetch(batches);
         let pass = Pass {
             train: false,
             seed: 0,
@@ -306,7 +315,7 @@ impl<'p> Trainer<'p> {
         };
         let (mut total, mut tokens) = (0f64, 0usize);
         for _ in 0..count {
-            let (batch, pixel_values) = pixels.next_batch()?;
+            let (batch, pixel_values) = next_batch(&mut pixels)?;
             let text = self.text_inputs(&batch)?;
             let sum = self.model.loss_sum(&pixel_values.to_device(&self.device)?, &text, &pass)?;
             total += sum.to_scalar::<f32>()? as f64;
@@ -342,8 +351,20 @@ impl<'p> Trainer<'p> {
     }
 }
 
+/// Micro-batches decoded ahead of the model, and the threads decoding them: decoding a batch
+/// takes a small fraction of a training step, so few are needed.
+const PREFETCH_AHEAD: usize = 2;
+const PREFETCH_WORKERS: usize = 2;
+
+/// The next micro-batch of `pixels`.
+fn next_batch(pixels: &mut Prefetcher) -> Result<data::Batch> {
+    pixels
+        .next()
+        .unwrap_or_else(|| Err(Error::internal("the prefetcher ended before the epoch")))
+}
+
 /// The list of held-out samples, in the run's folder.
-pub const EVAL_LIST: &str = "eval_images.txt";
+pub const EVAL_LIST: &str = "eval_image_paths.txt";
 
 /// The seed of the dropout masks of micro-batch `micro` of step `step`: a resumed run draws the
 /// same masks as an uninterrupted one.

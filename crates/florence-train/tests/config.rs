@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use florence_train::optim::OptimizerKind;
+use florence_train::schedule::ScheduleKind;
 use florence_train::{
-    DataSource, EvalSplit, LossNormalization, ModelSource, OptimizerName, SchedulerName, TrainConfig,
+    DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig,
 };
 
 /// A temporary folder with `a/`, `b/`, `c/<CAPTION>/` and a ShareGPT file, and a config in it.
@@ -53,7 +55,7 @@ fn seed_form_json() {
     );
     assert_eq!(
         (c.epochs, c.optimizer, c.lr_scheduler),
-        (2, OptimizerName::Came, SchedulerName::Rex)
+        (2, OptimizerKind::Came, ScheduleKind::Rex)
     );
     assert_eq!((c.learning_rate, c.weight_decay, c.clip_grad_norm), (3e-6, 1e-2, 1.0));
     assert_eq!(
@@ -154,7 +156,7 @@ fn folder_list_form_and_defaults() {
     assert_eq!(c.output_dir, tmp.path().join("checkpoints/my run"));
     assert_eq!(
         (c.lr_scheduler, c.min_learning_rate, c.warmup_steps),
-        (SchedulerName::Cosine, 0.0, 0)
+        (ScheduleKind::Cosine, 0.0, 0)
     );
     assert_eq!(
         (
@@ -174,7 +176,7 @@ fn folder_list_form_and_defaults() {
     assert_eq!(c.loss_normalization, LossNormalization::Mean);
     let text = format!("{REQUIRED}dataset_config: [c]\noptimizer: OptimiAdamW\n").replace("optimizer: CAME\n", "");
     let (_tmp, file) = setup("r.yaml", &text);
-    assert_eq!(TrainConfig::from_file(&file).unwrap().0.optimizer, OptimizerName::AdamW);
+    assert_eq!(TrainConfig::from_file(&file).unwrap().0.optimizer, OptimizerKind::AdamW);
 }
 
 /// Every documented refusal names the file (checked by `error`) and the key, on one line.

@@ -6,7 +6,8 @@ use florence::{Error, Result};
 use serde::de::DeserializeOwned;
 
 use super::node::Node;
-use super::{config_error, DataSource, EvalSplit, LossNormalization, ModelSource, SchedulerName, TrainConfig};
+use crate::schedule::ScheduleKind;
+use super::{config_error, DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig};
 
 /// Florence-2ner's keys that do nothing here, with why (one line each in the notes).
 const IGNORED: &[(&str, &str)] = &[
@@ -208,7 +209,7 @@ impl<'a> Reader<'a> {
         let optimizer = self.required("optimizer", optimizer)?;
         let lr_scheduler = self
             .choice("lr_scheduler", "REX, Cosine, Constant, Linear")?
-            .unwrap_or(SchedulerName::Cosine);
+            .unwrap_or(ScheduleKind::Cosine);
         let learning_rate = self.number("learning_rate", 0.0, true)?;
         let learning_rate = self.required("learning_rate", learning_rate)?;
         let min_learning_rate = self.number("min_learning_rate", 0.0, false)?.unwrap_or(0.0);

@@ -38,12 +38,15 @@ pub trait Optimizer {
     fn load_state(&mut self, params: &[Param], state: &HashMap<String, Tensor>) -> Result<()>;
 }
 
-/// The optimizers `florence train` offers (Florence-2ner's `optimizer` key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The optimizers `florence train` offers (Florence-2ner's `optimizer` key; its `OptimiAdamW`
+/// is read as AdamW).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OptimizerKind {
     /// CAME (came-pytorch 0.1.3) with Florence-2ner's settings.
+    #[serde(rename = "CAME", alias = "came", alias = "Came")]
     Came,
     /// `torch.optim.AdamW`, betas (0.9, 0.999), eps 1e-8.
+    #[serde(rename = "AdamW", alias = "adamw", alias = "OptimiAdamW")]
     AdamW,
 }
 

@@ -52,7 +52,7 @@ impl Florence2 {
     pub fn logits(&self, pixel_values: &Tensor, text: &TextInputs) -> Result<Tensor> {
         let mut mode = super::ops::Mode::eval();
         let features = self.vision_tower.forward(pixel_values, &mut mode)?;
-        let image_embeds = self.projector.forward(&features, &mut mode)?;
+        let image_embeds = self.projector.forward(&features)?;
         self.language_model.logits(&image_embeds, text, &mut mode)
     }
 }
