@@ -93,7 +93,13 @@ pub fn run(args: TrainArgs, interrupted: &AtomicBool) -> florence::Result<bool> 
         eprintln!("{} steps; last checkpoint {}", summary.steps, dir.display());
     }
     if summary.interrupted {
-        eprintln!("stopped; continue with --resume {}", summary.last_checkpoint.as_ref().map_or(String::new(), |d| d.display().to_string()));
+        eprintln!(
+            "stopped; continue with --resume {}",
+            summary
+                .last_checkpoint
+                .as_ref()
+                .map_or(String::new(), |d| d.display().to_string())
+        );
     }
     Ok(!summary.interrupted)
 }

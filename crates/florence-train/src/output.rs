@@ -135,10 +135,7 @@ impl CheckpointWriter {
 /// written anew), not a training state, not hidden.
 fn is_model_file(name: &str) -> bool {
     const WEIGHT_EXTENSIONS: &[&str] = &[".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".onnx"];
-    !name.starts_with('.')
-        && !WEIGHT_EXTENSIONS.iter().any(|e| name.ends_with(e))
-        && name != STATE
-        && name != METRICS
+    !name.starts_with('.') && !WEIGHT_EXTENSIONS.iter().any(|e| name.ends_with(e)) && name != STATE && name != METRICS
 }
 
 fn remove_dir(dir: &Path) -> Result<()> {
@@ -228,7 +225,12 @@ mod tests {
 
     #[test]
     fn model_files_exclude_weights_and_state() {
-        for kept in ["config.json", "tokenizer.json", "preprocessor_config.json", "modeling_florence2.py"] {
+        for kept in [
+            "config.json",
+            "tokenizer.json",
+            "preprocessor_config.json",
+            "modeling_florence2.py",
+        ] {
             assert!(is_model_file(kept), "{kept}");
         }
         for left in [

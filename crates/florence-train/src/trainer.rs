@@ -2,8 +2,8 @@
 //! step, evaluation and checkpoints, as `SEMANTICS.md` defines them.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 use florence::tensor::segment::{self, Pass};
@@ -283,7 +283,13 @@ impl<'p> Trainer<'p> {
     /// Decodes and preprocesses the images of `batches` ahead, in order, on worker threads.
     fn prefetch(&self, batches: Vec<Vec<usize>>) -> Prefetcher {
         let processor = florence::ImageProcessor::new(self.plan.preprocessor.clone());
-        Prefetcher::new(self.images.clone(), batches, processor, PREFETCH_AHEAD, PREFETCH_WORKERS)
+        Prefetcher::new(
+            self.images.clone(),
+            batches,
+            processor,
+            PREFETCH_AHEAD,
+            PREFETCH_WORKERS,
+        )
     }
 
     /// The collated text of the samples `batch`.
@@ -317,7 +323,9 @@ impl<'p> Trainer<'p> {
         for _ in 0..count {
             let (batch, pixel_values) = next_batch(&mut pixels)?;
             let text = self.text_inputs(&batch)?;
-            let sum = self.model.loss_sum(&pixel_values.to_device(&self.device)?, &text, &pass)?;
+            let sum = self
+                .model
+                .loss_sum(&pixel_values.to_device(&self.device)?, &text, &pass)?;
             total += sum.to_scalar::<f32>()? as f64;
             tokens += text.label_count;
         }

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use florence_train::optim::OptimizerKind;
 use florence_train::schedule::ScheduleKind;
-use florence_train::{
-    DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig,
-};
+use florence_train::{DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig};
 
 /// A temporary folder with `a/`, `b/`, `c/<CAPTION>/` and a ShareGPT file, and a config in it.
 fn setup(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {

@@ -6,8 +6,8 @@ use florence::{Error, Result};
 use serde::de::DeserializeOwned;
 
 use super::node::Node;
-use crate::schedule::ScheduleKind;
 use super::{config_error, DataSource, EvalSplit, LossNormalization, ModelSource, TrainConfig};
+use crate::schedule::ScheduleKind;
 
 /// Florence-2ner's keys that do nothing here, with why (one line each in the notes).
 const IGNORED: &[(&str, &str)] = &[

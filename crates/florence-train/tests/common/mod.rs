@@ -54,7 +54,11 @@ impl Layout {
     pub fn config(&self, run: &str) -> PathBuf {
         let to = self.dir.path().join("runs").join(run);
         std::fs::create_dir_all(&to).unwrap();
-        std::fs::copy(fixtures().join("runs").join(run).join("config.yaml"), to.join("config.yaml")).unwrap();
+        std::fs::copy(
+            fixtures().join("runs").join(run).join("config.yaml"),
+            to.join("config.yaml"),
+        )
+        .unwrap();
         to.join("config.yaml")
     }
 
@@ -82,7 +86,10 @@ pub fn runs() -> Vec<String> {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert!(!names.is_empty(), "no fixture runs: run tools/reference/train_ref.py fixtures");
+    assert!(
+        !names.is_empty(),
+        "no fixture runs: run tools/reference/train_ref.py fixtures"
+    );
     names
 }
 
@@ -104,7 +111,14 @@ pub fn lines(path: &Path) -> Vec<serde_json::Value> {
 
 /// Largest absolute element.
 pub fn max_abs(t: &Tensor) -> f64 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
 }
 
 /// L2 norm.
