@@ -188,6 +188,7 @@ fn checkpoints_are_complete_model_folders_that_caption() {
             assert_eq!(max_abs(&(&ours[name] - t).unwrap()), 0.0, "{name}");
         }
     }
+    write_logits_for_transformers(&dir);
     let model = florence::Florence::load(&dir, &florence::LoadOptions::default()).unwrap();
     let image = florence::preprocess::load_image(&layout.dir.path().join("data/a01.png")).unwrap();
     let task = florence::Task::new("<CAPTION>", None).unwrap();
@@ -217,4 +218,53 @@ fn a_fresh_run_refuses_a_folder_that_holds_one() {
             out.display()
         )
     );
+}
+
+/// With FLORENCE_CHECK_CHECKPOINT=DIR, copies the trained `model_dir` to DIR with the tensor
+/// path's logits on the fixture batch in DIR/inputs.safetensors, for
+/// `python tools/reference/check_checkpoint.py DIR DIR/inputs.safetensors` (transformers must
+/// give the same logits from the saved weights).
+fn write_logits_for_transformers(model_dir: &Path) {
+    let Ok(to) = std::env::var("FLORENCE_CHECK_CHECKPOINT") else {
+        return;
+    };
+    let to = Path::new(&to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(model_dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    let config = florence::Florence2Config::from_file(&to.join("config.json")).unwrap();
+    let mut checkpoint =
+        florence::checkpoint::Checkpoint::open(&florence::checkpoint::WeightFiles::discover(to).unwrap()).unwrap();
+    checkpoint.check(&config, true).unwrap();
+    let params = florence::tensor::Parameters::from_checkpoint(&config, &checkpoint, &Device::Cpu, |_| false).unwrap();
+    let model = florence::tensor::Florence2::new(&config, &params).unwrap();
+    let batch = load(&fixtures().join("grads/batch.safetensors"));
+    let meta = json(&fixtures().join("grads/meta.json"));
+    let ids = |key: &str| -> Vec<Vec<u32>> {
+        meta["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect()
+    };
+    let text = florence::tensor::language::TextInputs::new(&ids("prompt_ids"), &ids("label_ids"), false, &Device::Cpu)
+        .unwrap();
+    let logits = model.logits(&batch["pixel_values"], &text).unwrap();
+    let mut out: Vec<(String, candle_core::Tensor)> =
+        ["pixel_values", "input_ids", "attention_mask", "decoder_input_ids"]
+            .iter()
+            .map(|k| (k.to_string(), batch[*k].clone()))
+            .collect();
+    out.push(("logits".into(), logits));
+    florence::checkpoint::save::write_safetensors(&to.join("inputs.safetensors"), &out).unwrap();
 }
