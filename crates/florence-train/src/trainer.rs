@@ -185,20 +185,20 @@ impl<'p> Trainer<'p> {
                     "loss": metrics.loss, "grad_norm": metrics.grad_norm,
                 }))?;
                 progress.step(&metrics);
-                if c.eval_steps.is_some_and(|n| step % n == 0) {
+                if due(c.eval_steps, step) {
                     self.evaluate(step, progress)?;
                 }
-                if c.save_steps.is_some_and(|n| step % n == 0) {
+                if due(c.save_steps, step) {
                     last_checkpoint = Some(self.save(step, progress)?);
                 }
             }
         }
         // The last step always has a checkpoint, written before the closing evaluation so that
         // its metrics are those of a run that goes on.
-        if !c.save_steps.is_some_and(|n| step % n == 0) || last_checkpoint.is_none() {
+        if !due(c.save_steps, step) || last_checkpoint.is_none() {
             last_checkpoint = Some(self.save(step, progress)?);
         }
-        if !c.eval_steps.is_some_and(|n| step % n == 0) {
+        if !due(c.eval_steps, step) {
             self.evaluate(step, progress)?;
         }
         let final_dir = plan.output.join("final");
@@ -363,6 +363,11 @@ impl<'p> Trainer<'p> {
 /// takes a small fraction of a training step, so few are needed.
 const PREFETCH_AHEAD: usize = 2;
 const PREFETCH_WORKERS: usize = 2;
+
+/// Whether something done `every` so many steps (never when `None`) is due after `step`.
+fn due(every: Option<usize>, step: usize) -> bool {
+    every.is_some_and(|n| step.is_multiple_of(n))
+}
 
 /// The next micro-batch of `pixels`.
 fn next_batch(pixels: &mut Prefetcher) -> Result<data::Batch> {
