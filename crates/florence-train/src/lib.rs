@@ -12,6 +12,7 @@ pub mod data;
 pub mod optim;
 pub mod output;
 pub mod plan;
+pub mod samples;
 pub mod schedule;
 pub mod trainer;
 

@@ -83,6 +83,25 @@ impl CheckpointWriter {
         trainer: &TrainerState,
         metrics: &Path,
     ) -> Result<()> {
+        self.write_with(dest, params, |tmp| {
+            save::write_safetensors(&tmp.join(OPTIMIZER), optimizer)?;
+            let state = serde_json::to_vec_pretty(trainer).map_err(|e| Error::internal(e.to_string()))?;
+            florence::pipeline::write_atomic(&tmp.join(STATE), &state).map_err(|e| Error::io(&tmp.join(STATE), e))?;
+            if metrics.exists() {
+                std::fs::copy(metrics, tmp.join(METRICS)).map_err(|e| Error::io(metrics, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes `dest` as a model folder only (the model folder's files and the weights of `params`).
+    pub fn write_model(&self, dest: &Path, params: &Parameters) -> Result<()> {
+        self.write_with(dest, params, |_| Ok(()))
+    }
+
+    /// Builds `dest` in a temporary folder beside it: the model, then what `extra` adds; then
+    /// renames it into place.
+    fn write_with(&self, dest: &Path, params: &Parameters, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
         let tmp = dest.with_file_name(format!(".{name}.florence-tmp"));
         remove_dir(&tmp)?;
@@ -99,12 +118,7 @@ impl CheckpointWriter {
             })
             .collect::<Result<Vec<_>>>()?;
         save::write_safetensors(&tmp.join(WEIGHTS), &save::in_layout(self.layout, weights)?)?;
-        save::write_safetensors(&tmp.join(OPTIMIZER), optimizer)?;
-        let state = serde_json::to_vec_pretty(trainer).map_err(|e| Error::internal(e.to_string()))?;
-        florence::pipeline::write_atomic(&tmp.join(STATE), &state).map_err(|e| Error::io(&tmp.join(STATE), e))?;
-        if metrics.exists() {
-            std::fs::copy(metrics, tmp.join(METRICS)).map_err(|e| Error::io(metrics, e))?;
-        }
+        extra(&tmp)?;
         if dest.exists() {
             let old = dest.with_file_name(format!(".{name}.florence-old"));
             remove_dir(&old)?;
@@ -138,7 +152,8 @@ fn is_model_file(name: &str) -> bool {
     !name.starts_with('.') && !WEIGHT_EXTENSIONS.iter().any(|e| name.ends_with(e)) && name != STATE && name != METRICS
 }
 
-fn remove_dir(dir: &Path) -> Result<()> {
+/// Removes `dir` and what it holds, if it exists.
+pub fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(dir, e)),
         _ => Ok(()),

@@ -332,6 +332,14 @@ impl<'p> Trainer<'p> {
         let loss = total / tokens as f64;
         self.metrics.write(&json!({"step": step, "eval_loss": loss}))?;
         progress.message(&format!("step {step}: eval loss {loss:.5}"));
+        for r in crate::samples::caption(plan, &self.writer, &self.params, step)? {
+            progress.message(&format!(
+                "  {}\n    truth: {}\n    model: {}",
+                r["image"].as_str().unwrap_or_default(),
+                r["ground_truth"].as_str().unwrap_or_default(),
+                r["generated"].as_str().unwrap_or_default()
+            ));
+        }
         Ok(Some(loss))
     }
 
