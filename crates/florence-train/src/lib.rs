@@ -34,5 +34,33 @@ pub fn train(
     for note in &plan.notes {
         progress.message(&format!("note: {note}"));
     }
+    report_data(&plan, progress);
     Trainer::new(&plan, device)?.run(interrupted, progress)
+}
+
+/// What the data holds and what was left out of it, one line each.
+fn report_data(plan: &Plan, progress: &mut dyn Progress) {
+    let data = &plan.data;
+    for (path, why) in &data.unreadable {
+        progress.message(&format!("skipped {}: {why}", path.display()));
+    }
+    if !data.dropped_long.is_empty() {
+        progress.message(&format!(
+            "dropped {} captions longer than the decoder's {} positions",
+            data.dropped_long.len(),
+            plan.model_config.text.max_position_embeddings
+        ));
+    }
+    if !data.no_image.is_empty() {
+        progress.message(&format!("{} captions have no image beside them", data.no_image.len()));
+    }
+    progress.message(&format!(
+        "{} samples: {} to train, {} held out; {} steps of {} x {} samples",
+        data.samples.len(),
+        plan.split.train.len(),
+        plan.split.eval.len(),
+        plan.total_steps,
+        plan.config.gradient_accumulation_steps,
+        plan.config.train_batch_size
+    ));
 }

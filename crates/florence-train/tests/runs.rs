@@ -268,3 +268,58 @@ fn write_logits_for_transformers(model_dir: &Path) {
     out.push(("logits".into(), logits));
     florence::checkpoint::save::write_safetensors(&to.join("inputs.safetensors"), &out).unwrap();
 }
+
+/// Sets the interruption flag after step `at`, as Ctrl-C would.
+struct InterruptAfter<'a> {
+    at: usize,
+    flag: &'a AtomicBool,
+}
+
+impl florence_train::Progress for InterruptAfter<'_> {
+    fn begin(&mut self, _: usize, _: usize) {}
+    fn step(&mut self, m: &florence_train::StepMetrics) {
+        if m.step == self.at {
+            self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn message(&mut self, _: &str) {}
+}
+
+#[test]
+fn an_interrupted_run_saves_a_checkpoint_that_resumes_exactly() {
+    let layout = Layout::new();
+    let config = layout.config("token_count");
+    let straight = layout.output("straight");
+    train(&config, &straight, None, None);
+    let first = layout.output("first");
+    let flag = AtomicBool::new(false);
+    let options = TrainOptions {
+        config: config.clone(),
+        output: Some(first.clone()),
+        offline: true,
+        ..Default::default()
+    };
+    let stopped = florence_train::train(
+        &options,
+        &Device::Cpu,
+        &flag,
+        &mut InterruptAfter { at: 2, flag: &flag },
+    )
+    .unwrap();
+    assert!(stopped.interrupted);
+    assert_eq!(stopped.steps, 2);
+    assert!(stopped.final_dir.is_none());
+    let checkpoint = stopped.last_checkpoint.unwrap();
+    train(&config, &first, Some(&checkpoint), None);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(straight.join("final").join(file)).unwrap()
+                == std::fs::read(first.join("final").join(file)).unwrap(),
+            "final/{file} differs after an interruption"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(first.join("metrics.jsonl")).unwrap()
+    );
+}
