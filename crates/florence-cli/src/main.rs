@@ -121,31 +121,30 @@ fn keep_freed_memory() {
     }
 }
 
+/// A flag the first Ctrl-C sets (saying `what` happens now); a second one exits at once.
+fn on_ctrl_c(what: &'static str) -> Arc<AtomicBool> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\n{what} (Ctrl-C again to quit now)");
+    });
+    interrupted
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Caption(a) => set_threads(a.threads).and_then(|_| {
-            // The first Ctrl-C finishes the batch in flight and writes its captions; a second one exits.
-            let interrupted = Arc::new(AtomicBool::new(false));
-            let flag = interrupted.clone();
-            let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\nstopping after the current batch (Ctrl-C again to quit now)");
-            });
+            // The first Ctrl-C finishes the batch in flight and writes its captions.
+            let interrupted = on_ctrl_c("stopping after the current batch");
             florence::on_pool_thread(|| caption::run(*a, &interrupted))
         }),
         Command::Train(t) => set_threads(t.threads).and_then(|_| {
-            let interrupted = Arc::new(AtomicBool::new(false));
-            let flag = interrupted.clone();
-            let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!("\nstopping after the current step, with a checkpoint (Ctrl-C again to quit now)");
-            });
+            let interrupted = on_ctrl_c("stopping after the current step, with a checkpoint");
             florence::on_pool_thread(|| train::run(*t, &interrupted))
         }),
         Command::Bench(b) => set_threads(b.threads)

@@ -23,22 +23,13 @@ struct Batch {
 fn batch(pad_in_loss: bool) -> Batch {
     let dir = fixtures().join("grads");
     let meta = json(&dir.join("meta.json"));
-    let ids = |key: &str| -> Vec<Vec<u32>> {
-        meta["samples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                s[key]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect()
-            })
-            .collect()
-    };
-    let text = TextInputs::new(&ids("prompt_ids"), &ids("label_ids"), pad_in_loss, &Device::Cpu).unwrap();
+    let text = TextInputs::new(
+        &batch_ids("prompt_ids"),
+        &batch_ids("label_ids"),
+        pad_in_loss,
+        &Device::Cpu,
+    )
+    .unwrap();
     let tensors = load(&dir.join("batch.safetensors"));
     // The collation equals the reference's: decoder inputs, and labels where they count.
     let dec: Vec<Vec<i64>> = tensors["decoder_input_ids"].to_vec2().unwrap();

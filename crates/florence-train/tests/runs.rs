@@ -241,24 +241,13 @@ fn write_logits_for_transformers(model_dir: &Path) {
     let params = florence::tensor::Parameters::from_checkpoint(&config, &checkpoint, &Device::Cpu, |_| false).unwrap();
     let model = florence::tensor::Florence2::new(&config, &params).unwrap();
     let batch = load(&fixtures().join("grads/batch.safetensors"));
-    let meta = json(&fixtures().join("grads/meta.json"));
-    let ids = |key: &str| -> Vec<Vec<u32>> {
-        meta["samples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                s[key]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect()
-            })
-            .collect()
-    };
-    let text = florence::tensor::language::TextInputs::new(&ids("prompt_ids"), &ids("label_ids"), false, &Device::Cpu)
-        .unwrap();
+    let text = florence::tensor::language::TextInputs::new(
+        &batch_ids("prompt_ids"),
+        &batch_ids("label_ids"),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     let logits = model.logits(&batch["pixel_values"], &text).unwrap();
     let mut out: Vec<(String, candle_core::Tensor)> =
         ["pixel_values", "input_ids", "attention_mask", "decoder_input_ids"]

@@ -130,3 +130,20 @@ pub fn norm(t: &Tensor) -> f64 {
 pub fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1e-30)
 }
+
+/// The fixture batch's prompt or label ids (`key`), per sample, from grads/meta.json.
+pub fn batch_ids(key: &str) -> Vec<Vec<u32>> {
+    json(&fixtures().join("grads/meta.json"))["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
