@@ -127,7 +127,7 @@ def main():
             write_config(config, os.path.abspath(args.model), data, batch, ckpt)
             ref_t, ref_m, our_t, our_m = [], [], [], []
             for _ in range(args.repeats):
-                p = subprocess.run([sys.executable, __file__, "--worker", "--config", config, "--threads",
+                p = subprocess.run([sys.executable, __file__, "--worker", "--model", args.model, "--config", config, "--threads",
                                     str(args.threads)], capture_output=True)
                 if p.returncode != 0:
                     sys.exit(p.stderr.decode())

@@ -54,7 +54,8 @@ DEFAULTS = dict(
 
 def load_config(path):
     with open(path) as f:
-        cfg = yaml.safe_load(f)  # JSON is YAML
+        # PyYAML follows YAML 1.1, where 3e-06 (no dot) is a string; JSON files are read as JSON.
+        cfg = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
         raise SystemExit(f"{path}: unknown keys {unknown}")

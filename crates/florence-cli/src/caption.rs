@@ -13,7 +13,7 @@ use florence::pipeline::{
     Sink, SinkFailure,
 };
 use florence::preprocess::DecodeOptions;
-use florence::{Error, Florence, GenerationRequest, SamplingRequest, Task};
+use florence::{Error, Florence, Task};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -57,33 +57,8 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "TEXT")]
     text_input: Option<String>,
 
-    /// Beams of beam search; 1 is greedy search. Default: the checkpoint's (3 for Florence-2).
-    #[arg(long, value_name = "N", help_heading = "Generation")]
-    num_beams: Option<usize>,
-    /// Most new tokens, including the forced <s> and </s>. Default: 1024, or the model's decoder length.
-    #[arg(long, value_name = "N", help_heading = "Generation")]
-    max_new_tokens: Option<usize>,
-    /// Fewest new tokens before </s> is allowed.
-    #[arg(long, value_name = "N", help_heading = "Generation")]
-    min_new_tokens: Option<usize>,
-    /// Sample instead of searching deterministically.
-    #[arg(long, help_heading = "Generation")]
-    do_sample: bool,
-    /// Sampling temperature.
-    #[arg(long, value_name = "T", requires = "do_sample", help_heading = "Generation")]
-    temperature: Option<f32>,
-    /// Keep only the K most likely tokens when sampling (0 disables).
-    #[arg(long, value_name = "K", requires = "do_sample", help_heading = "Generation")]
-    top_k: Option<usize>,
-    /// Keep the most likely tokens up to this cumulative probability when sampling.
-    #[arg(long, value_name = "P", requires = "do_sample", help_heading = "Generation")]
-    top_p: Option<f32>,
-    /// Drop tokens less likely than P times the most likely one when sampling.
-    #[arg(long, value_name = "P", requires = "do_sample", help_heading = "Generation")]
-    min_p: Option<f32>,
-    /// Random seed for sampling; the same seed gives the same captions.
-    #[arg(long, value_name = "S", default_value_t = 0, help_heading = "Generation")]
-    seed: u64,
+    #[command(flatten)]
+    generation: crate::generation::GenerationArgs,
 
     /// Worker threads for the model (default: all cores).
     #[arg(long, value_name = "N", help_heading = "Performance")]
@@ -230,21 +205,9 @@ impl CaptionArgs {
             (true, None) if self.manifest.is_some() => Some(Format::Jsonl),
             (true, f) => f,
         };
-        let sampling = self.do_sample.then_some(SamplingRequest {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            seed: self.seed,
-        });
         let pipeline = Plan {
             task: Task::new(&self.task, self.text_input.as_deref())?,
-            generation: GenerationRequest {
-                num_beams: self.num_beams,
-                max_new_tokens: self.max_new_tokens,
-                min_new_tokens: self.min_new_tokens,
-                sampling,
-            },
+            generation: self.generation.request(),
             decode: DecodeOptions {
                 exif_orientation: !self.no_exif_orientation,
                 max_pixels: self.max_pixels,
@@ -272,8 +235,45 @@ impl CaptionArgs {
 }
 
 /// The progress bar, and the failures on standard error.
-struct Progress {
-    bar: indicatif::ProgressBar,
+pub struct Progress {
+    pub bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    /// A bar over `images` (hidden when `quiet` or there is nothing to do).
+    pub fn new(images: usize, quiet: bool) -> Self {
+        let bar = if quiet || images == 0 {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(images as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
+                    .expect("valid template"),
+            );
+            b
+        };
+        Self { bar }
+    }
+
+    /// Loads `model` (a folder or a hub id), saying so on the bar, and prints its warnings.
+    pub fn load_model(
+        &self,
+        model: &str,
+        offline: bool,
+        quiet: bool,
+        precision: &crate::precision::PrecisionArgs,
+    ) -> Result<Florence, Error> {
+        let bar = &self.bar;
+        bar.set_message(format!("loading {model}"));
+        let offline = offline || florence::hub::offline_from_env();
+        let dir = bar.suspend(|| florence::hub::resolve(model, offline, !quiet))?;
+        let loaded = Florence::load(&dir, &precision.load_options())?;
+        for warning in loaded.warnings() {
+            bar.suspend(|| eprintln!("warning: {warning}"));
+        }
+        bar.set_message("");
+        Ok(loaded)
+    }
 }
 
 impl Sink for Progress {
@@ -318,29 +318,15 @@ pub fn run(args: CaptionArgs, interrupted: &AtomicBool) -> Result<bool, Error> {
     if let Some(path) = &plan.errors {
         sinks.push(Box::new(ErrorLog::open(path)?));
     }
-    let bar = if plan.quiet || work.jobs.is_empty() {
-        indicatif::ProgressBar::hidden()
+    let total = if work.jobs.is_empty() {
+        0
     } else {
-        let b = indicatif::ProgressBar::new((work.jobs.len() + work.failures.len()) as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
-                .expect("valid template"),
-        );
-        b
+        work.jobs.len() + work.failures.len()
     };
+    let progress = Progress::new(total, plan.quiet);
+    let bar = progress.bar.clone();
+    let load = || progress.load_model(&plan.model, plan.offline, plan.quiet, &plan.precision);
     sinks.push(Box::new(Progress { bar: bar.clone() }));
-
-    let load = || {
-        bar.set_message("loading model");
-        let offline = plan.offline || florence::hub::offline_from_env();
-        let dir = bar.suspend(|| florence::hub::resolve(&plan.model, offline, !plan.quiet))?;
-        let model = Florence::load(&dir, &plan.precision.load_options())?;
-        for warning in model.warnings() {
-            bar.suspend(|| eprintln!("warning: {warning}"));
-        }
-        bar.set_message("");
-        Ok(model)
-    };
     let mut sink_refs: Vec<&mut dyn Sink> = sinks.iter_mut().map(|s| &mut **s as &mut dyn Sink).collect();
     let summary = pipeline::run(
         &plan.pipeline,

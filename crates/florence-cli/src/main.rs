@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod caption;
+mod eval;
+mod generation;
 mod precision;
 mod train;
 
@@ -75,6 +77,22 @@ and the data layouts.
 Exit status: 0 when the run finished, 1 when it was interrupted (a checkpoint was written),
 2 when it could not start or failed.")]
     Train(Box<train::TrainArgs>),
+    /// Score captioners on held-out images: the model card's table, metrics and loss plot.
+    ///
+    /// Each --model captions every reference image through the same pipeline as `florence
+    /// caption` (its captions are kept in OUT/predictions/NAME.jsonl); --predictions scores captions
+    /// made earlier. Writes OUT/metrics.json (sacreBLEU, chrF, ROUGE-L, COCO BLEU-4 and CIDEr-D,
+    /// each equal to its reference implementation), OUT/report.md (the table to paste into a model
+    /// card) and OUT/report.html (self-contained, with thumbnails), and with --metrics-from the
+    /// run's loss curves as OUT/loss.png and OUT/loss.svg.
+    #[command(after_help = "Examples:
+  florence eval --references data/eval --model microsoft/Florence-2-base --model run/final \\
+      --metrics-from run --output report
+  florence eval --references run/eval_image_paths.jsonl --model base=./Florence-2-base --model tuned=run/final --output report
+  florence eval --references data/eval --predictions mine=captions.jsonl --output report --overwrite
+
+Exit status: 0 when the report was written, 2 when it could not be (an error, or Ctrl-C).")]
+    Eval(Box<eval::EvalArgs>),
 }
 
 #[derive(clap::Args)]
@@ -146,6 +164,10 @@ fn main() -> ExitCode {
         Command::Train(t) => set_threads(t.threads).and_then(|_| {
             let interrupted = on_ctrl_c("stopping after the current step, with a checkpoint");
             florence::on_pool_thread(|| train::run(*t, &interrupted))
+        }),
+        Command::Eval(e) => set_threads(e.threads).and_then(|_| {
+            let interrupted = on_ctrl_c("stopping after the current batch");
+            florence::on_pool_thread(|| eval::run(*e, &interrupted))
         }),
         Command::Bench(b) => set_threads(b.threads)
             .and_then(|_| florence::on_pool_thread(|| bench::bench(b.args)))

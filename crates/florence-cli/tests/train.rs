@@ -1,19 +1,9 @@
 //! The `florence train` command line: a run on the training fixtures writes the contract's files,
 //! and a bad config stops with one line naming the key and the file.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn florence(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_florence"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../florence-train/tests/fixtures/train")
-}
+use common::florence;
 
 #[test]
 fn an_unknown_key_stops_before_any_work_naming_key_and_file() {
@@ -37,38 +27,8 @@ fn an_unknown_key_stops_before_any_work_naming_key_and_file() {
 #[test]
 fn a_run_writes_metrics_checkpoints_and_the_final_model() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    std::fs::create_dir_all(root.join("model")).unwrap();
-    for e in std::fs::read_dir(fixtures().join("model")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), root.join("model").join(e.file_name())).unwrap();
-    }
-    let tokenizer =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/tokenizer-florence/tokenizer.json");
-    std::fs::copy(tokenizer, root.join("model/tokenizer.json")).unwrap();
-    let config = root.join("config.json");
-    let data = fixtures().join("data");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "model_name": "model", "task_prompt": "<CAPTION>", "dataset_path": data,
-            "epochs": 1, "optimizer": "CAME", "learning_rate": 1e-4, "lr_scheduler": "REX",
-            "train_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 1,
-            "save_total_limit": 1, "eval_split": 2, "wandb_project": "x"
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let out_dir = root.join("run");
-    let out = florence(&[
-        "train",
-        config.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--max-steps",
-        "2",
-        "-q",
-    ]);
+    let out = common::fixture_run(dir.path());
+    let out_dir = dir.path().join("run");
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{err}");
     assert!(err.contains("ignored \"wandb_project\""), "{err}");

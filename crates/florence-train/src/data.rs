@@ -295,14 +295,27 @@ fn sharegpt(file: &Path) -> Result<Vec<Raw>> {
         .collect()
 }
 
-/// Writes the eval samples' image paths, one a line, as Florence-2ner's `eval_image_paths.txt`
-/// (atomically: a temporary file beside it, then renamed).
+/// Writes the eval samples' image paths, one a line, as Florence-2ner's `eval_image_paths.txt`,
+/// and beside it (`.jsonl`) the references `florence eval` reads: one
+/// `{"image", "prompt", "references": [caption]}` line per sample. Both atomically.
 pub fn write_eval_list(path: &Path, samples: &[Sample], eval: &[usize]) -> Result<()> {
-    let text: String = eval
+    let list: String = eval
         .iter()
         .map(|&i| format!("{}\n", samples[i].image.display()))
         .collect();
-    let tmp = path.with_extension("txt.tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let manifest: String = eval
+        .iter()
+        .map(|&i| {
+            let s = &samples[i];
+            let line =
+                serde_json::json!({"image": s.image.to_string_lossy(), "prompt": s.prompt, "references": [s.caption]});
+            format!("{line}\n")
+        })
+        .collect();
+    write_atomic(path, &list)?;
+    write_atomic(&path.with_extension("jsonl"), &manifest)
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    florence::pipeline::write_atomic(path, text.as_bytes()).map_err(|e| Error::io(path, e))
 }

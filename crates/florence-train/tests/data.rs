@@ -155,7 +155,20 @@ fn eval_list_names_the_eval_images() {
         found.samples[0].image.display()
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    let manifest = std::fs::read_to_string(path.with_extension("jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = manifest.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, i) in lines.iter().zip([4, 0]) {
+        let s = &found.samples[i];
+        assert_eq!(line["image"], s.image.to_str().unwrap());
+        assert_eq!(line["prompt"], s.prompt.as_str());
+        assert_eq!(line["references"], serde_json::json!([s.caption]));
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2,
+        "no temporary files left"
+    );
 }
 
 /// A malformed ShareGPT record or a task token with extra text stops discovery, naming the file.
