@@ -15,12 +15,12 @@ cat > "$WORK/config.yaml" <<YAML
 model_name: model
 task_prompt: <CAPTION>
 dataset_path: $FIXTURES/data
-epochs: 3
+epochs: 20
 optimizer: CAME
-learning_rate: 1e-3
+learning_rate: 3e-4
 lr_scheduler: REX
 train_batch_size: 2
-eval_steps: 2
+eval_steps: 10
 save_steps: 100
 eval_split: 3
 YAML
