@@ -61,11 +61,7 @@ pub fn score(images: &[Scored]) -> (CorpusScores, Vec<ImageScores>) {
         .iter()
         .map(|i| i.references.iter().map(String::as_str).collect())
         .collect();
-    let ptb_predictions: Vec<String> = predictions.iter().map(|p| ptb::tokenize(p).join(" ")).collect();
-    let ptb_references: Vec<Vec<String>> = references
-        .iter()
-        .map(|refs| refs.iter().map(|r| ptb::tokenize(r).join(" ")).collect())
-        .collect();
+    let (ptb_predictions, ptb_references) = coco_tokens(&predictions, &references);
     let tokenized: Vec<coco::Tokenized> = ptb_predictions
         .iter()
         .zip(&ptb_references)
@@ -102,6 +98,25 @@ pub fn score(images: &[Scored]) -> (CorpusScores, Vec<ImageScores>) {
         sacrebleu_detail: detail,
     };
     (corpus, per_image)
+}
+
+/// The PTB tokens of the predictions and the references, joined by spaces, as `pycocoevalcap`
+/// makes them: one tokenizer call for all references (in image order), one for all predictions,
+/// because a caption's last tokens can depend on the first word of the next. Characters that end
+/// a line in Java (`\r`, `\v`, `\f`, U+2028, U+2029) become spaces first: in the toolkit they
+/// shift every later caption onto the wrong image.
+fn coco_tokens(predictions: &[&str], references: &[Vec<&str>]) -> (Vec<String>, Vec<Vec<String>>) {
+    let clean = |c: &str| c.replace(['\r', '\u{b}', '\u{c}', '\u{2028}', '\u{2029}'], " ");
+    let joined = |tokens: Vec<String>| tokens.join(" ");
+    let preds: Vec<String> = predictions.iter().map(|p| clean(p)).collect();
+    let ptb_predictions = ptb::tokenize_batch(&preds).into_iter().map(joined).collect();
+    let flat: Vec<String> = references.iter().flatten().map(|r| clean(r)).collect();
+    let mut tokens = ptb::tokenize_batch(&flat).into_iter().map(joined);
+    let ptb_references = references
+        .iter()
+        .map(|refs| tokens.by_ref().take(refs.len()).collect())
+        .collect();
+    (ptb_predictions, ptb_references)
 }
 
 fn mean(xs: &[f64]) -> f64 {

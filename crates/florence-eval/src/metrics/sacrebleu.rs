@@ -156,18 +156,18 @@ fn bleu_from_stats(s: BleuStats, effective_order: bool) -> Bleu {
     }
     let mut smooth = 1.0;
     let mut eff_order = MAX_ORDER;
-    for n in 0..MAX_ORDER {
-        if s.totals[n] == 0 {
+    for (n, (&counts, &totals)) in s.counts.iter().zip(&s.totals).enumerate() {
+        if totals == 0 {
             break;
         }
         if effective_order {
             eff_order = n + 1;
         }
-        precisions[n] = if s.counts[n] == 0 {
+        precisions[n] = if counts == 0 {
             smooth *= 2.0;
-            100.0 / (smooth * s.totals[n] as f64)
+            100.0 / (smooth * totals as f64)
         } else {
-            100.0 * s.counts[n] as f64 / s.totals[n] as f64
+            100.0 * counts as f64 / totals as f64
         };
     }
     // sacreBLEU floors log(0) at -9999999999 instead of failing.

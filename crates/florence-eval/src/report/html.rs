@@ -114,7 +114,11 @@ fn captions_table(s: &mut String, eval: &Evaluation, thumbnails: &[Option<Vec<u8
             let _ = write!(
                 s,
                 "<td>{}<div class=\"scores\">BLEU {:.1} · chrF {:.1} · ROUGE-L {:.3} · CIDEr-D {:.3}</div></td>",
-                if c.trim().is_empty() { "<em>(empty)</em>".to_string() } else { escape(c) },
+                if c.trim().is_empty() {
+                    "<em>(empty)</em>".to_string()
+                } else {
+                    escape(c)
+                },
                 sc.sacrebleu,
                 sc.chrf,
                 sc.rouge_l,
