@@ -31,6 +31,10 @@ pub struct TrainArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Where to train: cpu, cuda (the first GPU), cuda:N, or auto (a CUDA GPU when this build
+    /// has CUDA support and one is present, else the CPU).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: florence::device::DeviceChoice,
 }
 
 /// Shows a run's steps on a progress bar.
@@ -38,10 +42,15 @@ struct Bar {
     bar: indicatif::ProgressBar,
     started: std::time::Instant,
     samples: usize,
+    /// Where training runs, said once when it starts (not with --quiet).
+    device: Option<String>,
 }
 
 impl florence_train::Progress for Bar {
     fn begin(&mut self, done: usize, total: usize) {
+        if let Some(device) = self.device.take() {
+            self.message(&format!("training on the {device}"));
+        }
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
         self.bar.reset_eta();
@@ -82,12 +91,14 @@ pub fn run(args: TrainArgs, interrupted: &AtomicBool) -> florence::Result<bool> 
         );
         b
     };
+    let (device, chosen) = args.device.open()?;
     let mut progress = Bar {
+        device: (!args.quiet).then_some(chosen),
         bar,
         started: std::time::Instant::now(),
         samples: 0,
     };
-    let summary = florence_train::train(&options, &candle_core::Device::Cpu, interrupted, &mut progress)?;
+    let summary = florence_train::train(&options, &device, interrupted, &mut progress)?;
     progress.bar.finish_and_clear();
     if let Some(dir) = &summary.last_checkpoint {
         eprintln!("{} steps; last checkpoint {}", summary.steps, dir.display());

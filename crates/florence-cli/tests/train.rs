@@ -52,3 +52,19 @@ fn a_run_writes_metrics_checkpoints_and_the_final_model() {
         2
     );
 }
+
+/// Without the `cuda` feature, asking for a GPU stops with one line that says how to get one.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::fixture_run_with(dir.path(), &["--device", "cuda"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("built without CUDA") && err.contains("tools/cuda/build.sh"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run").exists());
+}

@@ -26,6 +26,7 @@
 
 pub mod checkpoint;
 mod config;
+pub mod device;
 mod error;
 pub mod generation;
 pub mod hub;

@@ -55,6 +55,12 @@ impl Florence2 {
     /// Builds the model from the tensors of a checked `checkpoint`.
     pub(crate) fn build(config: Florence2Config, checkpoint: &Checkpoint, options: &LoadOptions) -> Result<Self> {
         let device = &options.device;
+        if !device.is_cpu() {
+            // The fast path reads host memory; the GPU needs a generation path of its own.
+            return Err(Error::unsupported(
+                "captioning on a GPU is not implemented yet; load the model on the CPU (training runs on CUDA)",
+            ));
+        }
         let layout = checkpoint.layout;
         let path = checkpoint.path().to_path_buf();
         let vb = VarBuilder::from_backend(Box::new(checkpoint), DType::F32, device.clone());

@@ -19,6 +19,11 @@ pub fn train_fixtures() -> PathBuf {
 /// Copies the training fixtures' model (with the shared tokenizer) to `root/model` and fine-tunes
 /// it for 2 steps into `root/run`, holding out 2 images; returns `florence train`'s output.
 pub fn fixture_run(root: &Path) -> Output {
+    fixture_run_with(root, &[])
+}
+
+/// [`fixture_run`] with more flags for `florence train`.
+pub fn fixture_run_with(root: &Path, flags: &[&str]) -> Output {
     std::fs::create_dir_all(root.join("model")).unwrap();
     for e in std::fs::read_dir(train_fixtures().join("model")).unwrap() {
         let e = e.unwrap();
@@ -41,7 +46,7 @@ pub fn fixture_run(root: &Path) -> Output {
     )
     .unwrap();
     let out_dir = root.join("run");
-    florence(&[
+    let mut args = vec![
         "train",
         config.to_str().unwrap(),
         "--output",
@@ -49,5 +54,7 @@ pub fn fixture_run(root: &Path) -> Output {
         "--max-steps",
         "2",
         "-q",
-    ])
+    ];
+    args.extend_from_slice(flags);
+    florence(&args)
 }

@@ -4,8 +4,9 @@
 //! candle's grouped `conv2d` splits the input into one convolution per channel: correct, with a
 //! backward, but hundreds of small kernels per block. On the CPU this op runs its own kernels,
 //! forward and backward, over channel-last `[B, H, W, C]` maps, where the inner loops run over
-//! contiguous channels and the blocks' token layout needs no transpose. On other devices it
-//! falls back to the grouped `conv2d` (until the GPU gets its own kernel).
+//! contiguous channels and the blocks' token layout needs no transpose. On other devices (and
+//! dtypes) it is nine shifted multiply-adds of plain tensor ops ([`by_taps`]), which candle
+//! differentiates and runs on any backend in nine kernels instead of one per channel.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
@@ -29,12 +30,22 @@ pub fn depthwise_conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<T
         Ok(x.contiguous()?
             .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseConv)?)
     } else {
-        let nchw = x.permute((0, 3, 1, 2))?;
-        let y = nchw
-            .conv2d(weight, 1, 1, 1, c)?
-            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        Ok(y.permute((0, 2, 3, 1))?)
+        by_taps(x, weight, bias)
     }
+}
+
+/// The same convolution as a sum over the nine taps of shifted views of the zero-padded map.
+pub(crate) fn by_taps(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, h, w, c) = x.dims4()?;
+    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let taps = weight.reshape((c, 9))?;
+    let mut y = bias.reshape((1, 1, 1, c))?.broadcast_as(x.shape())?.contiguous()?;
+    for k in 0..9 {
+        let shifted = padded.narrow(1, k / 3, h)?.narrow(2, k % 3, w)?;
+        let tap = taps.narrow(1, k, 1)?.reshape((1, 1, 1, c))?;
+        y = (y + shifted.broadcast_mul(&tap)?)?;
+    }
+    Ok(y)
 }
 
 /// The forward op, over `(x, weight, bias)`.
@@ -300,6 +311,29 @@ mod tests {
                 1e-6,
                 1e-7,
             )?;
+        }
+        Ok(())
+    }
+
+    /// The other devices' form equals the CPU kernels, forward and backward.
+    #[test]
+    fn the_tap_form_equals_the_kernels() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, w, c) in [(2, 7, 5, 6), (1, 1, 4, 3), (3, 4, 1, 2)] {
+            let x = candle_core::Var::randn(0f64, 1.0, (b, h, w, c), &dev)?;
+            let weight = candle_core::Var::randn(0f64, 1.0, (c, 1, 3, 3), &dev)?;
+            let bias = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
+            let probe = Tensor::randn(0f64, 1.0, (b, h, w, c), &dev)?;
+            let args = [x.as_tensor(), weight.as_tensor(), bias.as_tensor()];
+            let kernel = depthwise_conv3x3(args[0], args[1], args[2])?;
+            let taps = by_taps(args[0], args[1], args[2])?;
+            assert!(max_diff(&kernel, &taps)? < 1e-12, "{b}x{h}x{w}x{c}");
+            let ours = (kernel * &probe)?.sum_all()?.backward()?;
+            let theirs = (taps * &probe)?.sum_all()?.backward()?;
+            for (i, t) in args.iter().enumerate() {
+                let diff = max_diff(ours.get(t).unwrap(), theirs.get(t).unwrap())?;
+                assert!(diff < 1e-12, "{b}x{h}x{w}x{c} argument {i}: {diff}");
+            }
         }
         Ok(())
     }
