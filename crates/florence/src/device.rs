@@ -12,6 +12,7 @@ pub enum DeviceChoice {
     /// The first CUDA GPU when this build has CUDA and one is present, else the CPU.
     #[default]
     Auto,
+    /// The CPU.
     Cpu,
     /// The CUDA GPU of this ordinal.
     Cuda(usize),
