@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def ours(args, config, steps, workdir):
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.decode()}")
     peak_mb = int(p.stderr.decode().strip().splitlines()[-1]) / 1024
+    shutil.rmtree(out)  # a full-size run folder holds gigabytes of checkpoints
     return seconds, peak_mb
 
 
@@ -142,6 +144,7 @@ def main():
             om, rm = statistics.median(our_m), statistics.median(ref_m)
             print(f"| {batch} | {'on' if ckpt else 'off'} | {ot:.2f} | {rt:.2f} | {ot / rt:.2f} | {om:.0f} | {rm:.0f} "
                   f"| {om / rm:.2f} |", flush=True)
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
