@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use base64::Engine;
 
-use super::{length_cells, metric, METRICS};
+use super::{metric_cells, HEADINGS};
 use crate::evaluation::Evaluation;
 
 pub fn escape(text: &str) -> String {
@@ -51,16 +51,13 @@ pub fn render(eval: &Evaluation, thumbnails: &[Option<Vec<u8>>], plot_png: Optio
         if eval.left_out.is_empty() { String::new() } else { format!("; {} left out", eval.left_out.len()) }
     );
     s.push_str("<h2>Metrics</h2>\n<table id=\"metrics\"><thead><tr><th>model</th>");
-    for (_, heading, _) in METRICS {
+    for heading in HEADINGS {
         let _ = write!(s, "<th>{heading}</th>");
     }
-    s.push_str("<th>words</th><th>tokens</th><th>cut at limit</th></tr></thead><tbody>\n");
-    for (k, m) in eval.models.iter().enumerate() {
+    s.push_str("</tr></thead><tbody>\n");
+    for m in &eval.models {
         let _ = write!(s, "<tr><td>{}</td>", escape(&m.name));
-        for (key, _, digits) in METRICS {
-            let _ = write!(s, "<td class=\"n\">{}</td>", metric(eval, k, key, digits));
-        }
-        for cell in length_cells(eval, k) {
+        for cell in metric_cells(m) {
             let _ = write!(s, "<td class=\"n\">{cell}</td>");
         }
         s.push_str("</tr>\n");

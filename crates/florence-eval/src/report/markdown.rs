@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{length_cells, metric, METRICS};
+use super::{metric_cells, HEADINGS};
 use crate::evaluation::Evaluation;
 
 /// Text safe inside a Markdown table cell: pipes, emphasis, links, code and HTML are escaped,
@@ -40,18 +40,15 @@ pub fn render(eval: &Evaluation, thumbnails: &[Option<String>], plot: bool) -> S
         }
     );
     s.push_str("## Metrics\n\n| model |");
-    for (_, heading, _) in METRICS {
+    for heading in HEADINGS {
         let _ = write!(s, " {heading} |");
     }
-    s.push_str(" words | tokens | cut at limit |\n|---|");
-    s.push_str(&"---:|".repeat(METRICS.len() + 3));
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(HEADINGS.len()));
     s.push('\n');
-    for (k, m) in eval.models.iter().enumerate() {
+    for m in &eval.models {
         let _ = write!(s, "| {} |", escape(&m.name));
-        for (key, _, digits) in METRICS {
-            let _ = write!(s, " {} |", metric(eval, k, key, digits));
-        }
-        for cell in length_cells(eval, k) {
+        for cell in metric_cells(m) {
             let _ = write!(s, " {cell} |");
         }
         s.push('\n');

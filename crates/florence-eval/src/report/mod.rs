@@ -11,16 +11,19 @@ use florence::pipeline::write_atomic;
 use florence::Error;
 use serde_json::{json, Map, Value};
 
-use crate::evaluation::Evaluation;
+use crate::evaluation::{Evaluation, ModelResult};
 pub use plot::Curves;
 
-/// The metrics columns of both reports: key in `metrics.json`, heading, digits.
-const METRICS: [(&str, &str, usize); 5] = [
-    ("sacrebleu", "sacreBLEU", 2),
-    ("chrf", "chrF", 2),
-    ("rouge_l", "ROUGE-L", 4),
-    ("bleu4_coco", "BLEU-4 (COCO)", 4),
-    ("cider_d", "CIDEr-D", 4),
+/// The metrics table's headings after "model", in [`metric_cells`]' order.
+const HEADINGS: [&str; 8] = [
+    "sacreBLEU",
+    "chrF",
+    "ROUGE-L",
+    "BLEU-4 (COCO)",
+    "CIDEr-D",
+    "words",
+    "tokens",
+    "cut at limit",
 ];
 
 /// `metrics.json`: `{"models": {NAME: {metric: value, ..., "lengths": {...}}}, "images": N,
@@ -108,18 +111,18 @@ fn file_name(path: &Path) -> String {
         .into_owned()
 }
 
-/// A metric of a model, from its `metrics.json` entry, formatted to `digits`.
-fn metric(eval: &Evaluation, model: usize, key: &str, digits: usize) -> String {
-    let v = serde_json::to_value(&eval.models[model].scores).expect("serializable");
-    v[key].as_f64().map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
-}
-
-/// The caption-length columns of a model: mean words, mean tokens, share cut at the limit.
-fn length_cells(eval: &Evaluation, model: usize) -> [String; 3] {
-    let l = &eval.models[model].lengths;
+/// A model's row of the metrics table: the scores, mean words, mean tokens, share cut at the limit.
+fn metric_cells(m: &ModelResult) -> [String; HEADINGS.len()] {
+    let (s, l) = (&m.scores, &m.lengths);
+    let or_dash = |x: Option<String>| x.unwrap_or_else(|| "-".into());
     [
+        format!("{:.2}", s.sacrebleu),
+        format!("{:.2}", s.chrf),
+        format!("{:.4}", s.rouge_l),
+        format!("{:.4}", s.bleu4_coco),
+        format!("{:.4}", s.cider_d),
         format!("{:.1}", l.words_mean),
-        l.tokens_mean.map_or_else(|| "-".into(), |t| format!("{t:.1}")),
-        l.cut_share.map_or_else(|| "-".into(), |c| format!("{:.1}%", 100.0 * c)),
+        or_dash(l.tokens_mean.map(|t| format!("{t:.1}"))),
+        or_dash(l.cut_share.map(|c| format!("{:.1}%", 100.0 * c))),
     ]
 }
