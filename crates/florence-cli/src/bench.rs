@@ -40,15 +40,15 @@ struct TimedDecoder<'a, D: StepDecoder> {
 }
 
 impl<D: StepDecoder> StepDecoder for TimedDecoder<'_, D> {
-    fn step(&mut self, tokens: &[u32]) -> florence::Result<Vec<Vec<f32>>> {
+    fn step(&mut self, images: &[usize], tokens: &[u32]) -> florence::Result<Vec<Vec<f32>>> {
         let t = Instant::now();
-        let r = self.inner.step(tokens);
+        let r = self.inner.step(images, tokens);
         self.steps.push(t.elapsed());
         r
     }
-    fn reorder(&mut self, order: &[u32]) -> florence::Result<()> {
+    fn reorder(&mut self, image: usize, order: &[u32]) -> florence::Result<()> {
         let t = Instant::now();
-        let r = self.inner.reorder(order);
+        let r = self.inner.reorder(image, order);
         self.reorders += t.elapsed();
         r
     }

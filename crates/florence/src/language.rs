@@ -145,17 +145,17 @@ struct DecoderLayer {
     final_layer_norm: LayerNorm,
 }
 
-/// Per-layer decoder state of a generation.
+/// One layer's cache for one image.
 #[derive(Debug, Clone)]
-struct LayerState {
+struct LayerCache {
     /// Per head, the self-attention keys and values of every token fed so far, `[steps, rows,
-    /// hd]`: what row `r` held at step `s`, whichever beam that was then
-    /// ([`DecoderState::lineage`] says which).
+    /// hd]`: what row `r` of the image held at step `s`, whichever beam that was then
+    /// ([`SequenceCache::lineage`] says which).
     self_k: Vec<Vec<f32>>,
     self_v: Vec<Vec<f32>>,
-    /// Cross-attention keys of the encoder memory, transposed per head: `[images, heads, hd, L]`.
+    /// Cross-attention keys of the image's encoder memory, transposed per head: `[heads, hd, L]`.
     cross_k_t: Vec<f32>,
-    /// Cross-attention values of the encoder memory, `[images, heads, L, hd]`.
+    /// Cross-attention values of the image's encoder memory, `[heads, L, hd]`.
     cross_v: Vec<f32>,
 }
 
@@ -174,35 +174,40 @@ impl DecoderLayer {
         })
     }
 
-    /// One new token per row: `x` `[rows, d]` to `[rows, d]`. `self_starts[r]` are the offsets
-    /// in each head's cache of the entries row `r` attends to; `memory_starts` (one list, shared by
-    /// all rows) those of a head's memory values. Rows come `rows_per_image` per image.
+    /// One new token per row: `x` `[rows, d]` to `[rows, d]`. Rows come image by image, as
+    /// many as each image's cache has; `self_starts[i][r]` are the offsets in image `i`'s
+    /// per-head cache of the entries its row `r` attends to.
     fn step(
         &self,
         x: &[f32],
-        (rows, rows_per_image): (usize, usize),
-        state: &mut LayerState,
-        self_starts: &[Vec<usize>],
-        memory_starts: &[Vec<usize>],
+        caches: &mut [&mut LayerCache],
+        groups: &[usize],
+        self_starts: &[Vec<Vec<usize>>],
+        memory_starts: &[Vec<Vec<usize>>],
     ) -> Result<Vec<f32>> {
+        let rows: usize = groups.iter().sum();
         let sa = &self.self_attn;
         let (heads, hd) = (sa.heads, sa.head_dim);
         let q = sa.step_queries(x, rows)?;
         let k = sa.k_proj.forward_decode(x, rows, Epilogue::None)?;
         let v = sa.v_proj.forward_decode(x, rows, Epilogue::None)?;
-        for (h, (kc, vc)) in state.self_k.iter_mut().zip(&mut state.self_v).enumerate() {
-            for r in 0..rows {
-                kc.extend_from_slice(&k[r * heads * hd + h * hd..][..hd]);
-                vc.extend_from_slice(&v[r * heads * hd + h * hd..][..hd]);
+        let mut row = 0;
+        for (cache, &n) in caches.iter_mut().zip(groups) {
+            for (h, (kc, vc)) in cache.self_k.iter_mut().zip(&mut cache.self_v).enumerate() {
+                for r in row..row + n {
+                    kc.extend_from_slice(&k[r * heads * hd + h * hd..][..hd]);
+                    vc.extend_from_slice(&v[r * heads * hd + h * hd..][..hd]);
+                }
             }
+            row += n;
         }
-        let (sk, sv) = (&state.self_k, &state.self_v);
-        // An image's beams read the cache together (their slots sit side by side at each step),
+        let caches: Vec<&LayerCache> = caches.iter().map(|c| &**c).collect();
+        // An image's beams read its cache together (their slots sit side by side at each step),
         // each through its own lineage.
-        let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
-            keys: Keys::Rows(&sk[h]),
-            values: &sv[h],
-            starts: &self_starts[i * rows_per_image..][..rows_per_image],
+        let y = attend_rows(&q, heads, hd, groups, |i, h| HeadKv {
+            keys: Keys::Rows(&caches[i].self_k[h]),
+            values: &caches[i].self_v[h],
+            starts: &self_starts[i],
         });
         let x = self
             .self_attn_layer_norm
@@ -211,12 +216,13 @@ impl DecoderLayer {
         // All beams of an image attend to the same memory keys and values.
         let ca = &self.encoder_attn;
         let q = ca.step_queries(&x, rows)?;
-        let head_len = memory_starts[0].len() * hd;
-        let (ck, cv) = (&state.cross_k_t, &state.cross_v);
-        let y = attend_rows(&q, heads, hd, rows_per_image, |i, h| HeadKv {
-            keys: Keys::Transposed(&ck[(i * heads + h) * head_len..][..head_len]),
-            values: &cv[(i * heads + h) * head_len..][..head_len],
-            starts: memory_starts,
+        let y = attend_rows(&q, heads, hd, groups, |i, h| {
+            let head_len = memory_starts[i][0].len() * hd;
+            HeadKv {
+                keys: Keys::Transposed(&caches[i].cross_k_t[h * head_len..][..head_len]),
+                values: &caches[i].cross_v[h * head_len..][..head_len],
+                starts: &memory_starts[i],
+            }
         });
         let x =
             self.encoder_attn_layer_norm
@@ -244,22 +250,35 @@ pub struct BartDecoder {
     head_dim: usize,
 }
 
-/// The decoder's state during one generation over a batch of images.
+/// The decoder's state for one image during generation: its beams' self-attention caches and
+/// its memory's cross-attention keys and values. Each image has its own, so that an image can
+/// join a running batch or leave it at any step (and images of different lengths, prompts or
+/// beam counts can step together).
 #[derive(Debug, Clone)]
-pub struct DecoderState {
-    layers: Vec<LayerState>,
+pub struct SequenceCache {
+    layers: Vec<LayerCache>,
     rows: usize,
-    rows_per_image: usize,
-    /// Offsets of the memory's values in one head's cross-attention cache.
-    memory_starts: Vec<usize>,
+    /// Offsets of the memory's values in one head's cross-attention cache (one list, shared by
+    /// all rows).
+    memory_starts: Vec<Vec<usize>>,
     /// Per row, the cache row its sequence occupied at each step. Reordering beams rewrites
     /// these short lists instead of copying every layer's cache, as transformers does.
     lineage: Vec<Vec<u32>>,
     /// Tokens fed so far (the next token's position).
-    pub position: usize,
+    position: usize,
 }
 
-impl DecoderState {
+impl SequenceCache {
+    /// Rows (beams) of this image.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
     /// Makes row `i` continue from the sequence of old row `order[i]`.
     pub fn reorder(&mut self, order: &[u32]) -> Result<()> {
         if order.len() != self.rows || order.iter().any(|&o| o as usize >= self.rows) {
@@ -270,6 +289,24 @@ impl DecoderState {
         }
         self.lineage = order.iter().map(|&o| self.lineage[o as usize].clone()).collect();
         Ok(())
+    }
+
+    /// Per row, the offsets in a head's self-attention cache of the entries it attends to,
+    /// once this step's slot is appended.
+    fn self_starts(&mut self, hd: usize) -> Vec<Vec<usize>> {
+        let rows = self.rows;
+        for (r, lineage) in self.lineage.iter_mut().enumerate() {
+            lineage.push(r as u32);
+        }
+        self.lineage
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .enumerate()
+                    .map(|(s, &row)| (s * rows + row as usize) * hd)
+                    .collect()
+            })
+            .collect()
     }
 }
 
@@ -315,84 +352,96 @@ impl BartDecoder {
         self.max_positions
     }
 
-    /// Prepares a generation: the cross-attention keys/values of `memory` `[images, L, d]`.
-    pub fn start(&self, memory: &Tensor, rows_per_image: usize) -> Result<DecoderState> {
+    /// Prepares a generation: one cache per image of `memory` `[images, L, d]`, with the
+    /// cross-attention keys and values of its memory and `rows_per_image` rows.
+    pub fn start(&self, memory: &Tensor, rows_per_image: usize) -> Result<Vec<SequenceCache>> {
         let (images, len, _) = memory.dims3()?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                let ca = &l.encoder_attn;
-                let split = |p: &Linear| -> Result<Tensor> {
-                    Ok(p.forward(memory)?.reshape((images, len, ca.heads, ca.head_dim))?)
-                };
-                Ok(LayerState {
+        let mut caches: Vec<SequenceCache> = (0..images)
+            .map(|_| SequenceCache {
+                layers: Vec::with_capacity(self.layers.len()),
+                rows: rows_per_image,
+                memory_starts: vec![(0..len).map(|s| s * self.head_dim).collect()],
+                lineage: vec![Vec::new(); rows_per_image],
+                position: 0,
+            })
+            .collect();
+        for l in &self.layers {
+            let ca = &l.encoder_attn;
+            let split = |p: &Linear| -> Result<Tensor> {
+                Ok(p.forward(memory)?.reshape((images, len, ca.heads, ca.head_dim))?)
+            };
+            let k_t = split(&ca.k_proj)?.permute((0, 2, 3, 1))?.contiguous()?;
+            let v = split(&ca.v_proj)?.permute((0, 2, 1, 3))?.contiguous()?;
+            for (i, cache) in caches.iter_mut().enumerate() {
+                cache.layers.push(LayerCache {
                     self_k: vec![Vec::new(); ca.heads],
                     self_v: vec![Vec::new(); ca.heads],
-                    cross_k_t: split(&ca.k_proj)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?,
-                    cross_v: split(&ca.v_proj)?.permute((0, 2, 1, 3))?.flatten_all()?.to_vec1()?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let rows = images * rows_per_image;
-        Ok(DecoderState {
-            layers,
-            rows,
-            rows_per_image,
-            memory_starts: (0..len).map(|s| s * self.head_dim).collect(),
-            lineage: vec![Vec::new(); rows],
-            position: 0,
-        })
+                    cross_k_t: k_t.i(i)?.flatten_all()?.to_vec1()?,
+                    cross_v: v.i(i)?.flatten_all()?.to_vec1()?,
+                });
+            }
+        }
+        Ok(caches)
     }
 
-    /// Feeds one token per row and returns the next-token logits, `[rows, vocab]` row-major.
-    pub fn step(&self, tokens: &[u32], state: &mut DecoderState) -> Result<Vec<f32>> {
-        let rows = state.rows;
+    /// Feeds one token per row of each cache's image (rows image by image, in the order of
+    /// `caches`) and returns the next-token logits, `[rows, vocab]` row-major. The images may be
+    /// at different positions.
+    pub fn step(&self, tokens: &[u32], caches: &mut [&mut SequenceCache]) -> Result<Vec<f32>> {
+        let groups: Vec<usize> = caches.iter().map(|c| c.rows).collect();
+        let rows: usize = groups.iter().sum();
         if tokens.len() != rows {
             return Err(crate::Error::usage(format!(
                 "{} tokens fed to a decoder of {rows} rows",
                 tokens.len()
             )));
         }
+        if let Some(c) = caches.iter().find(|c| c.position >= self.max_positions) {
+            return Err(crate::Error::usage(format!(
+                "a generation reached the decoder's {} positions",
+                c.position
+            )));
+        }
         let dev = self.embed_positions.embeddings().device();
-        let pos: Vec<f32> = self
-            .embed_positions
-            .embeddings()
-            .i(state.position + POSITION_OFFSET)?
-            .to_vec1()?;
         let mut x: Vec<f32> = self.embed_tokens.rows_f32(tokens, dev)?.flatten_all()?.to_vec1()?;
+        let d = x.len() / rows;
         let scale = self.embed_scale as f32;
-        for row in x.chunks_exact_mut(pos.len()) {
-            row.iter_mut().zip(&pos).for_each(|(x, p)| *x = *x * scale + p);
+        let mut row = 0;
+        for (cache, &n) in caches.iter().zip(&groups) {
+            let pos: Vec<f32> = self
+                .embed_positions
+                .embeddings()
+                .i(cache.position + POSITION_OFFSET)?
+                .to_vec1()?;
+            for x in x[row * d..(row + n) * d].chunks_exact_mut(d) {
+                x.iter_mut().zip(&pos).for_each(|(x, p)| *x = *x * scale + p);
+            }
+            row += n;
         }
         let mut x = self.layernorm_embedding.forward_rows(&x);
 
-        let hd = self.head_dim;
-        let step = state.position;
-        for (r, lineage) in state.lineage.iter_mut().enumerate() {
-            lineage.push(r as u32);
-        }
-        let self_starts: Vec<Vec<usize>> = state
-            .lineage
-            .iter()
-            .map(|l| {
-                l.iter()
-                    .enumerate()
-                    .map(|(s, &row)| (s * rows + row as usize) * hd)
-                    .collect()
-            })
+        let self_starts: Vec<Vec<Vec<usize>>> = caches.iter_mut().map(|c| c.self_starts(self.head_dim)).collect();
+        // Lent out for the step (the layers borrow the caches mutably), then put back.
+        let memory_starts: Vec<Vec<Vec<usize>>> = caches
+            .iter_mut()
+            .map(|c| std::mem::take(&mut c.memory_starts))
             .collect();
-        debug_assert!(self_starts.iter().all(|s| s.len() == step + 1));
-        for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            x = layer.step(
-                &x,
-                (rows, state.rows_per_image),
-                ls,
-                &self_starts,
-                std::slice::from_ref(&state.memory_starts),
-            )?;
+        let mut out = Ok(());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            match layer.step(&x, &mut layer_caches, &groups, &self_starts, &memory_starts) {
+                Ok(y) => x = y,
+                Err(e) => {
+                    out = Err(e);
+                    break;
+                }
+            }
         }
-        state.position += 1;
+        for (c, starts) in caches.iter_mut().zip(memory_starts) {
+            c.memory_starts = starts;
+            c.position += 1;
+        }
+        out?;
         self.lm_head.forward_decode(&x, rows, Epilogue::None)
     }
 }

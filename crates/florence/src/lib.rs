@@ -49,6 +49,7 @@ use serde::Deserialize;
 pub use config::{Florence2Config, GenerationOverrides, Layout, PreprocessorConfig, TextConfig, VisionConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, SamplingConfig, SamplingRequest};
+pub use language::SequenceCache;
 pub use model::{Florence2, IncrementalDecoder};
 pub use nn::WeightFormat;
 pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};

@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, InPlacePages, WeightFiles};
 use crate::config::{Florence2Config, Layout};
 use crate::error::{Error, Result};
 use crate::generation::StepDecoder;
-use crate::language::{BartLanguageModel, DecoderState};
+use crate::language::{BartLanguageModel, SequenceCache};
 use crate::nn::MatrixSource;
 use crate::projector::ImageProjector;
 use crate::vision::DaViT;
@@ -159,8 +159,27 @@ impl Florence2 {
 
     /// Starts incremental decoding over `memory` `[images, L, d]` with `rows_per_image` beams each.
     pub fn decoder(&self, memory: &Tensor, rows_per_image: usize) -> Result<IncrementalDecoder<'_>> {
-        let state = self.language_model.decoder.start(memory, rows_per_image)?;
-        Ok(IncrementalDecoder { model: self, state })
+        Ok(IncrementalDecoder {
+            model: self,
+            caches: self.start_sequences(memory, rows_per_image)?,
+        })
+    }
+
+    /// One decoder cache per image of `memory` `[images, L, d]`, with `rows_per_image` rows
+    /// (beams) each, for [`decode_step`](Self::decode_step).
+    pub fn start_sequences(&self, memory: &Tensor, rows_per_image: usize) -> Result<Vec<SequenceCache>> {
+        self.language_model.decoder.start(memory, rows_per_image)
+    }
+
+    /// Feeds one token per row of each cache (rows cache by cache, in order) and returns each
+    /// row's next-token logits. The caches may be at different positions and hold different
+    /// numbers of rows; a row's logits do not depend on the other rows of the step.
+    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut SequenceCache]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.language_model.decoder.step(tokens, caches)?;
+        Ok(logits
+            .chunks_exact(self.language_model.decoder.vocab_size())
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Decoder positions available to generation.
@@ -191,16 +210,18 @@ fn release_free_heap() {
     }
 }
 
-/// A generation in progress: the model and its decoder caches.
+/// A generation in progress over a fixed set of images: the model and one decoder cache per
+/// image.
 pub struct IncrementalDecoder<'a> {
     model: &'a Florence2,
-    state: DecoderState,
+    caches: Vec<SequenceCache>,
 }
 
 impl IncrementalDecoder<'_> {
-    /// Next-token logits `[rows, vocab]` after feeding one token per row.
+    /// Next-token logits `[rows, vocab]` after feeding one token per row of every image.
     pub fn step_logits(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let logits = self.model.language_model.decoder.step(tokens, &mut self.state)?;
+        let mut caches: Vec<&mut SequenceCache> = self.caches.iter_mut().collect();
+        let logits = self.model.language_model.decoder.step(tokens, &mut caches)?;
         let rows = tokens.len();
         Ok(Tensor::from_vec(
             logits,
@@ -211,15 +232,28 @@ impl IncrementalDecoder<'_> {
 }
 
 impl StepDecoder for IncrementalDecoder<'_> {
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let logits = self.model.language_model.decoder.step(tokens, &mut self.state)?;
-        Ok(logits
-            .chunks_exact(self.model.language_model.decoder.vocab_size())
-            .map(<[f32]>::to_vec)
-            .collect())
+    fn step(&mut self, images: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        // `images` is increasing: walk the caches once, taking the listed ones.
+        let mut wanted = images.iter().copied().peekable();
+        let mut caches: Vec<&mut SequenceCache> = Vec::with_capacity(images.len());
+        for (i, cache) in self.caches.iter_mut().enumerate() {
+            if wanted.next_if_eq(&i).is_some() {
+                caches.push(cache);
+            }
+        }
+        if wanted.peek().is_some() || caches.len() != images.len() {
+            return Err(Error::usage(format!(
+                "decoding step over images {images:?}: not increasing indices below {}",
+                self.caches.len()
+            )));
+        }
+        self.model.decode_step(tokens, &mut caches)
     }
 
-    fn reorder(&mut self, order: &[u32]) -> Result<()> {
-        self.state.reorder(order)
+    fn reorder(&mut self, image: usize, order: &[u32]) -> Result<()> {
+        match self.caches.get_mut(image) {
+            Some(cache) => cache.reorder(order),
+            None => Err(Error::usage(format!("no image {image} to reorder"))),
+        }
     }
 }

@@ -2,15 +2,15 @@
 //! `_beam_search` of transformers 5), greedy search and sampling, and the logits processors
 //! they use (no-repeat n-grams, minimum length, forced BOS/EOS, temperature, top-k, top-p, min-p).
 //!
-//! The search algorithms drive any [`StepDecoder`], so they are independent of the model.
+//! Each image has its own [`ImageSearch`], advanced one decoding step at a time: [`generate`]
+//! drives a fixed set of them through any [`StepDecoder`], and a server can let searches join and
+//! leave a running batch at any step. An image's tokens never depend on the images beside it.
 
 mod beam;
 mod processors;
 mod sampling;
 
-pub use beam::beam_search;
 pub use processors::LogitsProcessor;
-pub use sampling::greedy_or_sample;
 
 use crate::config::GenerationOverrides;
 use crate::error::{Error, Result};
@@ -251,26 +251,145 @@ impl GenerationRequest {
     }
 }
 
-/// A decoder that advances every row of a batch by one token.
+/// A decoder over a fixed set of images that advances the rows of some of them by one token.
 ///
-/// Rows are grouped by image: `rows_per_image` consecutive rows (the beams) belong to one image.
+/// Each image has as many consecutive rows as its search has beams.
 pub trait StepDecoder {
-    /// Feeds one token per row and returns each row's next-token logits.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
-    /// Makes row `i` continue from the state of old row `order[i]`.
-    fn reorder(&mut self, order: &[u32]) -> Result<()>;
+    /// Feeds one token per row of each image of `images` (increasing indices; rows image by
+    /// image) and returns each row's next-token logits.
+    fn step(&mut self, images: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// Makes row `i` of image `image` continue from the state of its old row `order[i]`.
+    fn reorder(&mut self, image: usize, order: &[u32]) -> Result<()>;
 }
 
 /// The generated token ids of one image, starting with the decoder start token.
 pub type Sequence = Vec<u32>;
 
-/// Runs the search the configuration asks for over `images` images.
-pub fn generate(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDecoder) -> Result<Vec<Sequence>> {
-    if cfg.num_beams > 1 {
-        beam_search(cfg, images, decoder)
-    } else {
-        greedy_or_sample(cfg, images, decoder)
+/// What a decoding step did to one image's search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advance {
+    /// The search goes on; when `reorder` is set, the decoder's row `i` of this image must
+    /// continue from its old row `reorder[i]` first.
+    Continue {
+        /// The beam each row continues.
+        reorder: Option<Vec<u32>>,
+    },
+    /// The search is over: take its result with [`ImageSearch::into_sequence`].
+    Done,
+}
+
+/// The search of one image (beam search, greedy search or sampling, as its settings say),
+/// advanced one decoding step at a time.
+#[derive(Debug, Clone)]
+pub struct ImageSearch {
+    cfg: GenerationConfig,
+    /// Tokens per row so far, the decoder start token included.
+    cur_len: usize,
+    kind: SearchKind,
+}
+
+#[derive(Debug, Clone)]
+enum SearchKind {
+    Beams(beam::BeamSearch),
+    Single(sampling::SingleSearch),
+}
+
+impl ImageSearch {
+    /// A search with the settings `cfg` (check them with [`GenerationConfig::validate`] first).
+    pub fn new(cfg: &GenerationConfig) -> Self {
+        let kind = if cfg.num_beams > 1 {
+            SearchKind::Beams(beam::BeamSearch::new(cfg))
+        } else {
+            SearchKind::Single(sampling::SingleSearch::new(cfg))
+        };
+        Self {
+            cfg: cfg.clone(),
+            cur_len: 1,
+            kind,
+        }
     }
+
+    /// The decoder rows this image takes: its beams.
+    pub fn rows(&self) -> usize {
+        self.cfg.num_beams
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &GenerationConfig {
+        &self.cfg
+    }
+
+    /// The token each row is fed next.
+    pub fn tokens(&self) -> Vec<u32> {
+        match &self.kind {
+            SearchKind::Beams(b) => b.tokens(),
+            SearchKind::Single(s) => vec![*s.sequence().last().unwrap()],
+        }
+    }
+
+    /// The tokens chosen so far when one row is searched (greedy search or sampling): they
+    /// will begin the result. `None` for beam search, whose result is known only at the end.
+    pub fn partial(&self) -> Option<&[u32]> {
+        match &self.kind {
+            SearchKind::Beams(_) => None,
+            SearchKind::Single(s) => Some(s.sequence()),
+        }
+    }
+
+    /// Takes one step's logits, one row per beam.
+    pub fn advance(&mut self, logits: Vec<Vec<f32>>) -> Result<Advance> {
+        if logits.len() != self.rows() {
+            return Err(Error::usage(format!(
+                "{} rows of logits for a search of {} rows",
+                logits.len(),
+                self.rows()
+            )));
+        }
+        let (reorder, done) = match &mut self.kind {
+            SearchKind::Beams(b) => {
+                let (order, done) = b.advance(&self.cfg, self.cur_len, &logits);
+                (Some(order), done)
+            }
+            SearchKind::Single(s) => (None, s.advance(&self.cfg, logits.into_iter().next().unwrap())),
+        };
+        self.cur_len += 1;
+        Ok(if done || self.cur_len >= self.cfg.max_length() {
+            Advance::Done
+        } else {
+            Advance::Continue { reorder }
+        })
+    }
+
+    /// The result: the best sequence, decoder start token first.
+    pub fn into_sequence(self) -> Sequence {
+        match self.kind {
+            SearchKind::Beams(b) => b.into_sequence(),
+            SearchKind::Single(s) => s.into_sequence(),
+        }
+    }
+}
+
+/// Runs the search the configuration asks for over `images` images, stepping only the images
+/// whose search goes on.
+pub fn generate(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDecoder) -> Result<Vec<Sequence>> {
+    let mut searches: Vec<ImageSearch> = (0..images).map(|_| ImageSearch::new(cfg)).collect();
+    let mut active: Vec<usize> = (0..images).collect();
+    while !active.is_empty() {
+        let tokens: Vec<u32> = active.iter().flat_map(|&i| searches[i].tokens()).collect();
+        let mut logits = decoder.step(&active, &tokens)?.into_iter();
+        let mut still = Vec::with_capacity(active.len());
+        for &i in &active {
+            let rows: Vec<Vec<f32>> = logits.by_ref().take(searches[i].rows()).collect();
+            if let Advance::Continue { reorder } = searches[i].advance(rows)? {
+                if let Some(order) = reorder {
+                    decoder.reorder(i, &order)?;
+                }
+                still.push(i);
+            }
+        }
+        active = still;
+    }
+    Ok(searches.into_iter().map(ImageSearch::into_sequence).collect())
 }
 
 /// `log_softmax` over one row, as torch computes it: `x - max - log(sum(exp(x - max)))`.

@@ -4,45 +4,45 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::processors::{softmax, LogitsProcessor};
-use super::{GenerationConfig, Sequence, StepDecoder};
-use crate::error::Result;
+use super::{GenerationConfig, Sequence};
 
-/// Greedy search, or sampling when `cfg.sampling` is set. Each image has its own random
-/// generator seeded with the configured seed, so an image's caption does not depend on the
-/// other images in its batch.
-pub fn greedy_or_sample(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDecoder) -> Result<Vec<Sequence>> {
-    let processor = LogitsProcessor::new(cfg);
-    let mut seqs: Vec<Sequence> = vec![vec![cfg.decoder_start_token_id]; images];
-    let mut finished = vec![false; images];
-    let mut rngs: Vec<Option<StdRng>> = (0..images)
-        .map(|_| cfg.sampling.as_ref().map(|s| StdRng::seed_from_u64(s.seed)))
-        .collect();
-    let max_length = cfg.max_length();
-    for _ in 1..max_length {
-        let feed: Vec<u32> = seqs
-            .iter()
-            .zip(&finished)
-            .map(|(s, &f)| if f { cfg.pad_token_id } else { *s.last().unwrap() })
-            .collect();
-        let logits = decoder.step(&feed)?;
-        for (i, mut row) in logits.into_iter().enumerate() {
-            if finished[i] {
-                // transformers pads finished rows; the padding is not part of the caption.
-                continue;
-            }
-            processor.process(&seqs[i], &mut row);
-            let next = match &mut rngs[i] {
-                None => argmax(&row),
-                Some(rng) => sample_without_replacement(&softmax(&row), 1, rng)[0],
-            };
-            seqs[i].push(next as u32);
-            finished[i] = next as u32 == cfg.eos_token_id;
-        }
-        if finished.iter().all(|&f| f) {
-            break;
+/// Greedy search, or sampling when `cfg.sampling` is set, of one image (one row). Each image
+/// has its own random generator seeded with the configured seed, so an image's caption does not
+/// depend on the other images in its batch.
+#[derive(Debug, Clone)]
+pub(super) struct SingleSearch {
+    sequence: Sequence,
+    rng: Option<StdRng>,
+}
+
+impl SingleSearch {
+    pub(super) fn new(cfg: &GenerationConfig) -> Self {
+        Self {
+            sequence: vec![cfg.decoder_start_token_id],
+            rng: cfg.sampling.as_ref().map(|s| StdRng::seed_from_u64(s.seed)),
         }
     }
-    Ok(seqs)
+
+    /// The tokens so far, decoder start token first.
+    pub(super) fn sequence(&self) -> &[u32] {
+        &self.sequence
+    }
+
+    pub(super) fn into_sequence(self) -> Sequence {
+        self.sequence
+    }
+
+    /// Picks the next token from the row's logits; returns whether the sequence is over
+    /// (EOS, or the maximum length).
+    pub(super) fn advance(&mut self, cfg: &GenerationConfig, mut row: Vec<f32>) -> bool {
+        LogitsProcessor::new(cfg).process(&self.sequence, &mut row);
+        let next = match &mut self.rng {
+            None => argmax(&row),
+            Some(rng) => sample_without_replacement(&softmax(&row), 1, rng)[0],
+        } as u32;
+        self.sequence.push(next);
+        next == cfg.eos_token_id || self.sequence.len() >= cfg.max_length()
+    }
 }
 
 /// First index of the largest value (torch's `argmax`).

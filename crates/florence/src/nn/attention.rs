@@ -31,28 +31,36 @@ pub(crate) struct HeadKv<'a> {
 }
 
 /// Attention of single query rows, for decoding steps. `q` is `[rows, heads * hd]` (already
-/// scaled); rows come in groups of `group` that attend to the same head's keys and values
-/// (the beams of one image), each through its own offsets, and `kv(g, h)` gives what head `h`
-/// of group `g` attends to. The kernels walk the keys in order for the whole group, so a group
-/// whose rows interleave (a beam cache's slots, one after the other for each step) reads its
-/// cache as one forward stream. Returns `[rows, heads * hd]`.
+/// scaled); rows come in consecutive groups of the sizes `groups` that attend to the same head's
+/// keys and values (the beams of one image), each through its own offsets, and `kv(g, h)` gives
+/// what head `h` of group `g` attends to. The kernels walk the keys in order for the whole group,
+/// so a group whose rows interleave (a beam cache's slots, one after the other for each step)
+/// reads its cache as one forward stream. Returns `[rows, heads * hd]`.
 pub(crate) fn attend_rows<'a>(
     q: &[f32],
     heads: usize,
     hd: usize,
-    group: usize,
+    groups: &[usize],
     kv: impl Fn(usize, usize) -> HeadKv<'a> + Sync,
 ) -> Vec<f32> {
     let d = heads * hd;
-    let groups = q.len() / (d * group);
+    debug_assert_eq!(groups.iter().sum::<usize>() * d, q.len());
+    let first_rows: Vec<usize> = groups
+        .iter()
+        .scan(0, |row, &n| {
+            *row += n;
+            Some(*row - n)
+        })
+        .collect();
     // Each (group, head) task reads its keys and values once for all the group's rows.
-    let parts: Vec<Vec<f32>> = (0..groups * heads)
+    let parts: Vec<Vec<f32>> = (0..groups.len() * heads)
         .into_par_iter()
         .map(|task| {
             let (g, h) = (task / heads, task % heads);
+            let (first, group) = (first_rows[g], groups[g]);
             let kv = kv(g, h);
             let qs: Vec<f32> = (0..group)
-                .flat_map(|j| &q[(g * group + j) * d + h * hd..][..hd])
+                .flat_map(|j| &q[(first + j) * d + h * hd..][..hd])
                 .copied()
                 .collect();
             let mut scores = vec![0f32; group * kv.starts[0].len()];
@@ -69,7 +77,7 @@ pub(crate) fn attend_rows<'a>(
     for (task, o) in parts.iter().enumerate() {
         let (g, h) = (task / heads, task % heads);
         for (j, o) in o.chunks_exact(hd).enumerate() {
-            out[(g * group + j) * d + h * hd..][..hd].copy_from_slice(o);
+            out[(first_rows[g] + j) * d + h * hd..][..hd].copy_from_slice(o);
         }
     }
     out
@@ -237,12 +245,12 @@ mod tests {
             .iter()
             .map(|l| l.iter().enumerate().map(|(s, &slot)| (s * rows + slot) * hd).collect())
             .collect();
-        let grouped = attend_rows(&q, heads, hd, rows, |_, h| HeadKv {
+        let grouped = attend_rows(&q, heads, hd, &[rows], |_, h| HeadKv {
             keys: Keys::Rows(&k[h]),
             values: &v[h],
             starts: &starts,
         });
-        let alone = attend_rows(&q, heads, hd, 1, |r, h| HeadKv {
+        let alone = attend_rows(&q, heads, hd, &[1; 3], |r, h| HeadKv {
             keys: Keys::Rows(&k[h]),
             values: &v[h],
             starts: &starts[r..r + 1],
@@ -267,7 +275,7 @@ mod tests {
         let kt: Vec<Vec<f32>> = (0..heads).map(|h| values(hd * n, 30 + h)).collect();
         let mv: Vec<Vec<f32>> = (0..heads).map(|h| values(n * hd, 40 + h)).collect();
         let memory_starts = vec![(0..n).map(|s| s * hd).collect::<Vec<_>>()];
-        let out = attend_rows(&q, heads, hd, rows, |_, h| HeadKv {
+        let out = attend_rows(&q, heads, hd, &[rows], |_, h| HeadKv {
             keys: Keys::Transposed(&kt[h]),
             values: &mv[h],
             starts: &memory_starts,
