@@ -24,6 +24,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod batching;
 pub mod checkpoint;
 mod config;
 pub mod device;
@@ -267,12 +268,15 @@ impl Florence {
         })?;
         seqs.into_iter()
             .zip(images)
-            .map(|(ids, img)| {
-                let raw = self.tokenizer.decode(&ids, false)?;
-                let result = task.post_process(&raw, img.width, img.height);
-                Ok(Output { ids, raw, result })
-            })
+            .map(|(ids, img)| self.output(ids, task, (img.width, img.height)))
             .collect()
+    }
+
+    /// The result of `task` for generated `ids` on an image of `(width, height)` pixels.
+    pub fn output(&self, ids: Vec<u32>, task: &Task, (width, height): (u32, u32)) -> Result<Output> {
+        let raw = self.tokenizer.decode(&ids, false)?;
+        let result = task.post_process(&raw, width, height);
+        Ok(Output { ids, raw, result })
     }
 }
 

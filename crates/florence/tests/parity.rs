@@ -5,8 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use florence::generation::EarlyStopping;
-use florence::{Florence, GenerationConfig, LoadOptions, Task};
+use florence::{Florence, LoadOptions, Task};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -22,25 +21,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
-}
-
-fn generation_config(base: &GenerationConfig, g: &Value) -> GenerationConfig {
-    let mut cfg = base.clone();
-    let u = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    cfg.num_beams = u("num_beams").unwrap();
-    cfg.max_new_tokens = u("max_new_tokens").unwrap();
-    cfg.min_new_tokens = u("min_new_tokens").unwrap_or(0);
-    cfg.no_repeat_ngram_size = u("no_repeat_ngram_size").unwrap_or(0);
-    cfg.forced_bos_token_id = g.get("forced_bos_token_id").and_then(Value::as_u64).map(|v| v as u32);
-    cfg.forced_eos_token_id = g.get("forced_eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
-    cfg.length_penalty = g.get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0);
-    cfg.early_stopping = match g.get("early_stopping").and_then(Value::as_bool) {
-        Some(true) => EarlyStopping::Finished,
-        _ => EarlyStopping::Heuristic,
-    };
-    assert_eq!(g["do_sample"], Value::Bool(false));
-    cfg.sampling = None;
-    cfg
 }
 
 #[test]
@@ -134,7 +114,7 @@ fn generated_tokens_equal_the_reference() {
         let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
         for case in common::cases(&name)["cases"].as_array().unwrap() {
             let (task, images) = common::case_inputs(case);
-            let gen = generation_config(model.generation_config(), &case["generation"]);
+            let gen = common::generation_config(model.generation_config(), &case["generation"]);
             let outputs = model.run(&images, &task, &gen).unwrap();
             for (i, out) in outputs.iter().enumerate() {
                 let want = common::token_ids(&case["ids"][i]);

@@ -97,3 +97,23 @@ pub fn token_ids(v: &Value) -> Vec<u32> {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// The settings of a case's `generation` object over the model's own.
+pub fn generation_config(base: &florence::GenerationConfig, g: &Value) -> florence::GenerationConfig {
+    let mut cfg = base.clone();
+    let u = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    cfg.num_beams = u("num_beams").unwrap();
+    cfg.max_new_tokens = u("max_new_tokens").unwrap();
+    cfg.min_new_tokens = u("min_new_tokens").unwrap_or(0);
+    cfg.no_repeat_ngram_size = u("no_repeat_ngram_size").unwrap_or(0);
+    cfg.forced_bos_token_id = g.get("forced_bos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+    cfg.forced_eos_token_id = g.get("forced_eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+    cfg.length_penalty = g.get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0);
+    cfg.early_stopping = match g.get("early_stopping").and_then(Value::as_bool) {
+        Some(true) => florence::EarlyStopping::Finished,
+        _ => florence::EarlyStopping::Heuristic,
+    };
+    assert_eq!(g["do_sample"], Value::Bool(false));
+    cfg.sampling = None;
+    cfg
+}
