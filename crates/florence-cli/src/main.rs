@@ -14,6 +14,7 @@ mod caption;
 mod eval;
 mod generation;
 mod precision;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -93,6 +94,25 @@ Exit status: 0 when the run finished, 1 when it was interrupted (a checkpoint wa
 
 Exit status: 0 when the report was written, 2 when it could not be (an error, or Ctrl-C).")]
     Eval(Box<eval::EvalArgs>),
+    /// Serve a model over HTTP: OpenAI-compatible chat completions with an image, our own
+    /// /v1/caption, health and Prometheus metrics.
+    ///
+    /// The model is loaded once; concurrent requests are captioned together (a request joins the
+    /// running batch between two decoding steps and leaves it when done), each with the tokens it
+    /// would get alone. Ctrl-C or SIGTERM stops accepting, finishes the requests in flight and exits.
+    #[command(after_help = "Examples:
+  florence serve --model ./Florence-2-base
+  florence serve --model microsoft/Florence-2-large --port 8080 --max-batch-size 16 --threads 16
+  florence serve --model ./my-finetune --host 0.0.0.0 --api-key-file key.txt --task '<MORE_DETAILED_CAPTION>'
+
+  curl -s localhost:8000/v1/caption -F image=@photo.jpg -F task='<DETAILED_CAPTION>'
+  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"florence\",
+      \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"<CAPTION>\"},
+      {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/jpeg;base64,'\"$(base64 -w0 photo.jpg)\"'\"}}]}]}'
+
+Exit status: 0 after a clean stop, 2 when the server could not start (an address in use, a model
+that does not load).")]
+    Serve(Box<serve::ServeArgs>),
 }
 
 #[derive(clap::Args)]
@@ -169,6 +189,7 @@ fn main() -> ExitCode {
             let interrupted = on_ctrl_c("stopping after the current batch");
             florence::on_pool_thread(|| eval::run(*e, &interrupted))
         }),
+        Command::Serve(s) => set_threads(s.threads).and_then(|_| serve::run(*s)).map(|_| true),
         Command::Bench(b) => set_threads(b.threads)
             .and_then(|_| florence::on_pool_thread(|| bench::bench(b.args)))
             .map(|_| true),

@@ -107,6 +107,11 @@ impl<'m, K: Clone> RunningBatch<'m, K> {
         self.entries.is_empty()
     }
 
+    /// The keys of the images in the batch.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.iter().map(|e| &e.key)
+    }
+
     /// Decoder rows of the batch (beams of all its images).
     pub fn rows(&self) -> usize {
         self.entries.iter().map(|e| e.search.rows()).sum()

@@ -37,7 +37,10 @@ pub use dataset::{
     collect_images, merge_caption, plan_work, read_list, shard_hash, sidecar_path, temp_path, write_atomic, Existing,
     InputError, InputImage, Job, Shard, Sidecars, Work,
 };
-pub use sink::{Captioned, ErrorLog, ManifestFormat, ManifestSink, RunInfo, SidecarSink, Sink, SinkFailure};
+pub use sink::{
+    generation_json, jsonl_record, Captioned, ErrorLog, ManifestFormat, ManifestSink, RunInfo, SidecarSink, Sink,
+    SinkFailure,
+};
 
 use crate::error::Result;
 use crate::generation::{GenerationConfig, GenerationRequest};

@@ -174,14 +174,14 @@ impl ManifestSink {
         let task = &self.task;
         match self.format {
             ManifestFormat::Jsonl => {
-                let mut obj = json!({
-                    "path": path, "task": task, "raw": item.output.raw, "ids": item.output.ids,
-                    "model": self.model, "generation": self.generation,
-                });
-                match item.output.result.text() {
-                    Some(_) => obj["text"] = Value::String(item.caption.to_string()),
-                    None => obj["result"] = json!(item.output.result),
-                }
+                let obj = jsonl_record(
+                    Some(&path),
+                    task,
+                    item.output,
+                    item.caption,
+                    &self.model,
+                    &self.generation,
+                );
                 writeln!(self.out, "{obj}")
             }
             ManifestFormat::Csv => {
@@ -210,11 +210,7 @@ impl Sink for ManifestSink {
     fn begin(&mut self, run: &RunInfo) -> Result<()> {
         let g = run.generation;
         self.task = run.task.name.clone();
-        self.generation = json!({
-            "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens,
-            "min_new_tokens": g.min_new_tokens, "no_repeat_ngram_size": g.no_repeat_ngram_size,
-            "do_sample": g.sampling.is_some(), "weights": self.weights,
-        });
+        self.generation = generation_json(g, &self.weights);
         Ok(())
     }
 
@@ -231,6 +227,40 @@ impl Sink for ManifestSink {
         }
         Ok(())
     }
+}
+
+/// The `generation` object of a JSONL record: the settings that decide the tokens, and how the
+/// weights were held (`weights`: `f32`, `bf16 vision, q8 language model`).
+pub fn generation_json(g: &GenerationConfig, weights: &str) -> Value {
+    json!({
+        "num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens,
+        "min_new_tokens": g.min_new_tokens, "no_repeat_ngram_size": g.no_repeat_ngram_size,
+        "do_sample": g.sampling.is_some(), "weights": weights,
+    })
+}
+
+/// One image's JSONL record, as `florence caption --format jsonl` prints it: `path` (when there
+/// is one), `task`, `raw`, `ids`, `model`, `generation`, and `text` (the caption as written,
+/// prefix and suffix included) for text tasks or `result` for structured ones.
+pub fn jsonl_record(
+    path: Option<&str>,
+    task: &str,
+    output: &Output,
+    caption: &str,
+    model: &str,
+    generation: &Value,
+) -> Value {
+    let mut obj = json!({
+        "task": task, "raw": output.raw, "ids": output.ids, "model": model, "generation": generation,
+    });
+    if let Some(path) = path {
+        obj["path"] = Value::String(path.to_string());
+    }
+    match output.result.text() {
+        Some(_) => obj["text"] = Value::String(caption.to_string()),
+        None => obj["result"] = json!(output.result),
+    }
+    obj
 }
 
 fn csv_field(s: &str) -> String {
