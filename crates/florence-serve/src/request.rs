@@ -228,7 +228,7 @@ impl Pending {
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "the caption took longer than the server's --timeout-s of {} s; ask for fewer tokens or retry",
-                    state.config.timeout.as_secs()
+                    state.config.timeout.as_secs_f64()
                 ),
             )),
             Ok(Err(_)) => Err(ApiError::new(
