@@ -198,6 +198,8 @@ pub async fn submit(
         tokens: tokens_tx,
         admitted: admitted.at,
     };
+    // Counted before it is sent: the model's thread counts it out when it takes it.
+    state.metrics.queue_depth.inc();
     let sent = ready
         .submit
         .lock()
@@ -205,9 +207,9 @@ pub async fn submit(
         .as_ref()
         .map(|tx| tx.send(submission).is_ok());
     if sent != Some(true) {
+        state.metrics.queue_depth.dec();
         return Err(ApiError::unavailable("the server is shutting down"));
     }
-    state.metrics.queue_depth.inc();
     Ok(Pending {
         reply,
         tokens,
