@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use florence::pipeline::{
-    self, Captioned, ErrorLog, Existing, ManifestFormat, ManifestSink, ModelSource, Plan, Shard, SidecarSink, Sidecars,
-    Sink, SinkFailure,
+    self, Captioned, ErrorLog, Existing, ManifestFormat, ManifestSink, ModelSource, Plan, Shard, ShardSpec,
+    SidecarSink, Sidecars, Sink, SinkFailure,
 };
 use florence::preprocess::DecodeOptions;
 use florence::{Error, Florence, Task};
@@ -87,9 +87,12 @@ pub struct CaptionArgs {
     /// Caption only shard I of N (0-based), e.g. --shard 3/8; shards split any input exactly.
     /// Membership hashes each image's path relative to the folder it was found under (for files
     /// named directly or listed in --files-from, the path as written), so machines that mount the
-    /// dataset at different places split it the same way.
-    #[arg(long, value_name = "I/N", help_heading = "Input")]
-    shard: Option<Shard>,
+    /// dataset at different places split it the same way. `auto` takes I and N from the scheduler
+    /// that started the process: a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT),
+    /// torchrun or accelerate (RANK, WORLD_SIZE), or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX, with the count given as auto/N).
+    #[arg(long, value_name = "I/N|auto[/N]", help_heading = "Input")]
+    shard: Option<ShardSpec>,
     /// Do not rotate photos by their EXIF orientation (transformers does not rotate them).
     #[arg(long, help_heading = "Input")]
     no_exif_orientation: bool,
@@ -222,7 +225,11 @@ impl CaptionArgs {
             bare: self.inputs.len() == 1 && self.files_from.is_none() && !dataset_mode,
             inputs,
             recursive: self.recursive,
-            shard: self.shard,
+            shard: self
+                .shard
+                .map(|s| s.resolve(|k| std::env::var(k).ok()))
+                .transpose()
+                .map_err(Error::Usage)?,
             sidecars,
             manifest: format.map(|f| (f.into(), self.manifest)),
             errors: self.errors,

@@ -496,3 +496,75 @@ fn shards_do_not_depend_on_where_the_dataset_is_mounted() {
     }
     assert_eq!(union, names.iter().cloned().collect::<BTreeSet<_>>());
 }
+
+/// `--shard auto` takes the shard from Slurm, Kubernetes or torchrun variables and splits the
+/// input as `--shard I/N` does; without them it stops with a one-line error naming them.
+#[test]
+fn shard_auto_follows_the_scheduler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ds");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..30 {
+        std::fs::write(data.join(format!("img_{i:02}.jpg")), b"not an image").unwrap();
+    }
+    const VARS: [&str; 8] = [
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_STEP",
+        "SLURM_ARRAY_TASK_COUNT",
+        "JOB_COMPLETION_INDEX",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+    ];
+    // The images a run took (they fail to decode, so --errors names them), or its error.
+    let run = |spec: &str, vars: &[(&str, &str)]| -> Result<BTreeSet<String>, String> {
+        let errors = tmp.path().join("errors.jsonl");
+        let _ = std::fs::remove_file(&errors);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_florence"));
+        for v in VARS {
+            cmd.env_remove(v);
+        }
+        let o = cmd
+            .envs(vars.iter().copied())
+            .args(["caption", "--model", "/nonexistent/model", "-r", s(&data), "-q"])
+            .args(["--shard", spec, "--errors", s(&errors)])
+            .output()
+            .unwrap();
+        if o.status.code() == Some(2) {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        Ok(std::fs::read_to_string(&errors)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect())
+    };
+    let mut union = BTreeSet::new();
+    for i in 0..3usize {
+        let want = run(&format!("{i}/3"), &[]).unwrap();
+        let (id, index) = ((10 + 2 * i).to_string(), i.to_string());
+        let slurm = [
+            ("SLURM_ARRAY_TASK_ID", id.as_str()),
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ];
+        assert_eq!(run("auto", &slurm).unwrap(), want, "Slurm task {id}");
+        assert_eq!(run("auto/3", &[("JOB_COMPLETION_INDEX", &index)]).unwrap(), want);
+        assert_eq!(run("auto", &[("RANK", &index), ("WORLD_SIZE", "3")]).unwrap(), want);
+        assert!(want.is_disjoint(&union));
+        union.extend(want);
+    }
+    assert_eq!(union.len(), 30);
+    let error = run("auto", &[]).unwrap_err();
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert!(error.contains("SLURM_ARRAY_TASK_ID") && error.contains("JOB_COMPLETION_INDEX") && error.contains("RANK"));
+    let error = run("auto", &[("JOB_COMPLETION_INDEX", "1")]).unwrap_err();
+    assert!(error.contains("--shard auto/N"), "{error}");
+}

@@ -8,6 +8,8 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::shard::Shard;
+
 /// File extensions taken as images without looking inside (case-insensitive).
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "jfif", "webp", "gif", "bmp", "tif", "tiff"];
 
@@ -163,78 +165,6 @@ fn path_from_bytes(b: &[u8]) -> PathBuf {
 #[cfg(not(unix))]
 fn path_from_bytes(b: &[u8]) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(b).into_owned())
-}
-
-/// Shard `index` of `count` (0-based): the images whose [`shard_hash`] is `index` modulo
-/// `count`. Shards partition any input exactly, and membership depends only on each image's
-/// [`key`](InputImage::key), so machines that mount one dataset at different places agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    /// Which shard, `0..count`.
-    pub index: usize,
-    /// How many shards the input is split into.
-    pub count: usize,
-}
-
-impl Shard {
-    /// Shard `index` of `count`; the index must be below the count.
-    pub fn new(index: usize, count: usize) -> Result<Self, String> {
-        if count == 0 || index >= count {
-            return Err(format!(
-                "shard {index}/{count}: the index must be below the count (0-based)"
-            ));
-        }
-        Ok(Self { index, count })
-    }
-
-    /// Whether `image` belongs to this shard.
-    pub fn contains(&self, image: &InputImage) -> bool {
-        (shard_hash(&image.key) % self.count as u64) as usize == self.index
-    }
-}
-
-impl std::str::FromStr for Shard {
-    type Err = String;
-
-    /// Parses `I/N`, e.g. `3/8`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
-        let i: usize = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("shard index {i:?} is not a number"))?;
-        let n: usize = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("shard count {n:?} is not a number"))?;
-        Self::new(i, n)
-    }
-}
-
-/// The hash that assigns an image to a shard: 64-bit FNV-1a over the key's components joined
-/// with `/` (on every platform), then MurmurHash3's 64-bit finalizer. FNV-1a alone leaves its low
-/// bits poorly mixed (its lowest bit is the parity of the bytes' lowest bits, so with two shards
-/// keys that differ in one byte land in opposite shards); the finalizer spreads every input bit
-/// over every output bit.
-pub fn shard_hash(key: &Path) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (i, part) in key.components().enumerate() {
-        let bytes = match part {
-            std::path::Component::RootDir => &b""[..],
-            other => other.as_os_str().as_encoded_bytes(),
-        };
-        let separator = if i > 0 { &b"/"[..] } else { &b""[..] };
-        for b in separator.iter().chain(bytes) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    let mut x = h;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
 }
 
 /// Where the caption of `image` goes: next to it with extension `ext` (".txt"), or at the same
@@ -411,75 +341,6 @@ mod tests {
             root: PathBuf::new(),
             key: PathBuf::from(key),
         }
-    }
-
-    #[test]
-    fn shards_partition_exactly() {
-        let images: Vec<InputImage> = (0..500).map(|i| image(&format!("d/img_{i}.jpg"))).collect();
-        for n in [1, 2, 3, 7] {
-            for img in &images {
-                let owners = (0..n).filter(|&i| Shard::new(i, n).unwrap().contains(img)).count();
-                assert_eq!(owners, 1);
-            }
-        }
-    }
-
-    /// With two shards, keys that differ in one byte must not land in opposite shards every time
-    /// (plain FNV-1a does exactly that: its lowest bit is the parity of the bytes' lowest bits),
-    /// and every shard gets about its share.
-    #[test]
-    fn shard_hash_mixes_its_low_bits() {
-        let n = 1000;
-        let same = (0..n)
-            .filter(|i| {
-                shard_hash(Path::new(&format!("a/img_{i}.jpg"))) % 2
-                    == shard_hash(Path::new(&format!("b/img_{i}.jpg"))) % 2
-            })
-            .count();
-        assert!((400..=600).contains(&same), "{same} of {n} keys kept their shard");
-        for count in [2u64, 3, 8] {
-            let mut sizes = vec![0usize; count as usize];
-            for i in 0..n {
-                sizes[(shard_hash(Path::new(&format!("img_{i:05}.png"))) % count) as usize] += 1;
-            }
-            let share = n / count as usize;
-            assert!(
-                sizes.iter().all(|&s| s.abs_diff(share) * 5 < share),
-                "{count} shards: {sizes:?}"
-            );
-        }
-    }
-
-    /// The hash is of the key's components joined with `/`, so it is the same on every platform
-    /// and for every spelling of the separators.
-    #[test]
-    fn shard_hash_is_of_the_slash_joined_components() {
-        assert_eq!(
-            shard_hash(Path::new("a/b/c.jpg")),
-            shard_hash(Path::new("a//b/./c.jpg"))
-        );
-        assert_ne!(shard_hash(Path::new("a/b/c.jpg")), shard_hash(Path::new("ab/c.jpg")));
-        assert_eq!(shard_hash(Path::new("/x/y.png")), shard_hash(Path::new("//x/y.png")));
-        // FNV-1a of "a/b" then the finalizer, computed by hand.
-        assert_eq!(shard_hash(Path::new("a/b")), finalized_fnv(b"a/b"));
-    }
-
-    fn finalized_fnv(bytes: &[u8]) -> u64 {
-        let mut h: u64 = 0xcbf29ce484222325;
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-        h = (h ^ (h >> 33)).wrapping_mul(0xff51afd7ed558ccd);
-        h = (h ^ (h >> 33)).wrapping_mul(0xc4ceb9fe1a85ec53);
-        h ^ (h >> 33)
-    }
-
-    #[test]
-    fn shard_specs_parse() {
-        assert_eq!("3/8".parse::<Shard>(), Ok(Shard { index: 3, count: 8 }));
-        assert!("8/8".parse::<Shard>().unwrap_err().contains("below the count"));
-        assert!("x/8".parse::<Shard>().unwrap_err().contains("not a number"));
-        assert!("3".parse::<Shard>().unwrap_err().contains("expected I/N"));
     }
 
     #[test]

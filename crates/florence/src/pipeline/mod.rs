@@ -27,6 +27,7 @@
 
 mod dataset;
 mod loader;
+mod shard;
 mod sink;
 
 use std::path::Path;
@@ -34,9 +35,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 pub use dataset::{
-    collect_images, merge_caption, plan_work, read_list, shard_hash, sidecar_path, temp_path, write_atomic, Existing,
-    InputError, InputImage, Job, Shard, Sidecars, Work,
+    collect_images, merge_caption, plan_work, read_list, sidecar_path, temp_path, write_atomic, Existing, InputError,
+    InputImage, Job, Sidecars, Work,
 };
+pub use shard::{shard_hash, Shard, ShardSpec, SCHEDULER_VARIABLES};
 pub use sink::{
     generation_json, jsonl_record, Captioned, ErrorLog, ManifestFormat, ManifestSink, RunInfo, SidecarSink, Sink,
     SinkFailure,
