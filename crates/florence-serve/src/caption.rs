@@ -57,7 +57,7 @@ impl CaptionRequest {
             num_beams: self.num_beams,
             max_new_tokens: self.max_new_tokens,
             min_new_tokens: self.min_new_tokens,
-            sampling: self.do_sample.then(|| SamplingRequest {
+            sampling: self.do_sample.then_some(SamplingRequest {
                 temperature: self.temperature,
                 top_k: self.top_k,
                 top_p: self.top_p,

@@ -335,14 +335,6 @@ pub fn plan_work(images: Vec<InputImage>, shard: Option<Shard>, sidecars: Option
 mod tests {
     use super::*;
 
-    fn image(key: &str) -> InputImage {
-        InputImage {
-            path: PathBuf::from(key),
-            root: PathBuf::new(),
-            key: PathBuf::from(key),
-        }
-    }
-
     #[test]
     fn sidecars_next_to_images_or_mirrored() {
         let img = InputImage {

@@ -170,6 +170,30 @@ fn decode(reader: ImageReader<std::io::Cursor<&[u8]>>, opts: &DecodeOptions) -> 
     to_rgb_like_pil(img).map_err(|e| Failure::Refused(e.to_string()))
 }
 
+/// An RGB image from interleaved 8-bit pixels with `channels` values each: 1 (gray), 2 (gray
+/// and alpha), 3 (RGB) or 4 (RGBA), converted as decoded files are (PIL's `.convert("RGB")`:
+/// gray is repeated, alpha dropped).
+pub fn rgb_from_pixels(width: u32, height: u32, channels: usize, data: Vec<u8>) -> Result<RgbImage> {
+    let wrong = || {
+        Error::usage(format!(
+            "{width}x{height} pixels with {channels} channels need {} bytes",
+            width as u64 * height as u64 * channels as u64
+        ))
+    };
+    let img = match channels {
+        1 => DynamicImage::ImageLuma8(image::GrayImage::from_raw(width, height, data).ok_or_else(wrong)?),
+        2 => DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_raw(width, height, data).ok_or_else(wrong)?),
+        3 => return RgbImage::new(width, height, data),
+        4 => DynamicImage::ImageRgba8(image::RgbaImage::from_raw(width, height, data).ok_or_else(wrong)?),
+        n => {
+            return Err(Error::usage(format!(
+                "images have 1 (gray), 2 (gray and alpha), 3 (RGB) or 4 (RGBA) channels, not {n}"
+            )))
+        }
+    };
+    to_rgb_like_pil(img)
+}
+
 /// PIL's `.convert("RGB")`: alpha is dropped (not composited), 16-bit colour keeps the high
 /// byte, and 16-bit grayscale (PIL mode `I;16`) is clipped to 255 rather than scaled.
 fn to_rgb_like_pil(img: DynamicImage) -> Result<RgbImage> {
