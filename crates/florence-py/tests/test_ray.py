@@ -1,14 +1,14 @@
 """florence_rs.ray.Captioner in a Ray Data pipeline on a local Ray: per path, the CLI's captions;
 a bad image keeps its row with `error` filled."""
 
+import json
 import shutil
 
 import pytest
+import ray
 
-ray = pytest.importorskip("ray", reason="the Ray tests need ray[data] (pip install 'ray[data]')")
-
-from conftest import IMAGES  # noqa: E402
-from florence_rs.ray import Captioner  # noqa: E402
+from conftest import IMAGES
+from florence_rs.ray import Captioner
 
 NAMES = ["noise_rgb.png", "gradient_rgba.png", "gray8.png", "palette.png"]
 
@@ -60,7 +60,5 @@ def test_read_binary_files_keeps_a_bad_row(local_ray, folder, small_model, cli_r
     assert "truncated" in rows["broken.png"]["error"]
     for name in NAMES:
         want = cli_record(small_model, folder / name, task="<OD>", max_new_tokens=10)
-        import json
-
         assert json.loads(rows[name]["caption"]) == want["result"], name
         assert rows[name]["bytes"] == (folder / name).read_bytes()
