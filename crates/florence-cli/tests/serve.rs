@@ -414,6 +414,10 @@ fn timeouts_and_disconnects_cancel_the_work() {
     }
     wait_until_idle(&server);
     assert_eq!(server.metric("florence_images_total"), Some(0.0));
+    assert_eq!(
+        server.metric("florence_requests_total{route=\"/v1/caption\",status=\"499\"}"),
+        Some(1.0)
+    );
 }
 
 /// Waits (at most 10 s, far less than the cancelled work) until no image is in the batch.

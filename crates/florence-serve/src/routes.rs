@@ -100,14 +100,33 @@ async fn require_key(State(state): State<Arc<AppState>>, request: Request, next:
     next.run(request).await
 }
 
-/// Counts each request by route and status.
+/// Counts each request by route and status; one whose client went away before the answer
+/// counts as 499 (nginx's "client closed request").
 async fn count(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
+    let mut counted = Counted {
+        state: state.clone(),
+        route,
+        status: 499,
+    };
     let response = next.run(request).await;
-    state.metrics.request(&route, response.status().as_u16());
+    counted.status = response.status().as_u16();
     response
+}
+
+/// Counts its request when dropped: after the answer, or when the handler is cancelled.
+struct Counted {
+    state: Arc<AppState>,
+    route: String,
+    status: u16,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.state.metrics.request(&self.route, self.status);
+    }
 }

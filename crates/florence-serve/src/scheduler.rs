@@ -110,7 +110,6 @@ fn run(model: &Florence, submissions: &mpsc::Receiver<Submission>, max_batch: us
         metrics.batch_size.observe(batch.len() as f64);
         let events = guarded(&mut batch, |b| b.step());
         settle(events, &mut batch, &mut in_flight, metrics);
-        metrics.batch_images.set(batch.len() as i64);
     }
 }
 
@@ -127,6 +126,7 @@ fn settle(
     batch.retain(|key| in_flight.get(key).is_some_and(|f| !f.gone()));
     let live: HashSet<u64> = batch.keys().copied().collect();
     in_flight.retain(|key, _| live.contains(key));
+    metrics.batch_images.set(batch.len() as i64);
 }
 
 /// Runs `f` on the batch; a panic (a bug) fails every image of the batch instead of the server.
