@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use florence::pipeline::{
-    self, Captioned, ErrorLog, Existing, ManifestFormat, ManifestSink, ModelSource, Plan, Shard, ShardSpec,
-    SidecarSink, Sidecars, Sink, SinkFailure,
+    self, CaptionShardSink, Captioned, Columns, ErrorLog, Existing, Input, ManifestFormat, ManifestSink, ModelSource,
+    ParquetSink, Plan, Shard, ShardSpec, SidecarSink, Sidecars, Sink, SinkFailure, Work,
 };
 use florence::preprocess::DecodeOptions;
 use florence::{Error, Florence, Task};
@@ -23,6 +23,8 @@ pub enum Format {
     Jsonl,
     /// path,task,caption rows with a header.
     Csv,
+    /// A Parquet file (needs --manifest): the jsonl fields as columns, then --keep-columns.
+    Parquet,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -71,7 +73,9 @@ pub struct CaptionArgs {
     #[command(flatten)]
     precision: crate::precision::PrecisionArgs,
 
-    /// Image files and folders (PNG, JPEG, WebP, GIF, BMP, TIFF, recognized by content).
+    /// Image files and folders (PNG, JPEG, WebP, GIF, BMP, TIFF, recognized by content),
+    /// WebDataset tar shards (.tar, .tar.gz, .tgz: each image member is one input, named
+    /// SHARD.tar/KEY.EXT) and Parquet files (.parquet: one image per row, named FILE/ROW).
     #[arg(
         value_name = "IMAGE_OR_DIR",
         required_unless_present = "files_from",
@@ -87,7 +91,8 @@ pub struct CaptionArgs {
     /// Caption only shard I of N (0-based), e.g. --shard 3/8; shards split any input exactly.
     /// Membership hashes each image's path relative to the folder it was found under (for files
     /// named directly or listed in --files-from, the path as written), so machines that mount the
-    /// dataset at different places split it the same way. `auto` takes I and N from the scheduler
+    /// dataset at different places split it the same way. A tar shard goes whole to one machine
+    /// (its path is hashed); a Parquet file is split by row group (FILE/row-group-G is hashed). `auto` takes I and N from the scheduler
     /// that started the process: a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT),
     /// torchrun or accelerate (RANK, WORLD_SIZE), or a Kubernetes Indexed Job
     /// (JOB_COMPLETION_INDEX, with the count given as auto/N).
@@ -100,6 +105,10 @@ pub struct CaptionArgs {
     /// what is there, instead of reporting them as unreadable; missing JPEG rows come out grey.
     #[arg(long, help_heading = "Input")]
     allow_truncated: bool,
+    /// The column of Parquet inputs that holds the images: binary, or Hugging Face's
+    /// {bytes, path} image struct (default: the only such column).
+    #[arg(long, value_name = "NAME", help_heading = "Input")]
+    image_column: Option<String>,
     /// Refuse images with more pixels than this (decompression-bomb guard).
     #[arg(long, value_name = "N", default_value_t = DecodeOptions::default().max_pixels, help_heading = "Input")]
     max_pixels: u64,
@@ -108,7 +117,8 @@ pub struct CaptionArgs {
     /// folders or a --files-from list; given files are printed unless --ext or --output-dir is set).
     #[arg(long, value_name = "EXT", help_heading = "Output")]
     ext: Option<String>,
-    /// Write sidecars under DIR, mirroring the input folders, instead of next to the images.
+    /// Write sidecars under DIR, mirroring the input folders, instead of next to the images; a
+    /// tar shard's captions go to the caption shard DIR/SHARD.tar as KEY.txt members (--ext).
     #[arg(long, value_name = "DIR", help_heading = "Output")]
     output_dir: Option<PathBuf>,
     /// What to do with a sidecar that already exists.
@@ -126,6 +136,9 @@ pub struct CaptionArgs {
     /// Output format of printed results, or of the manifest when writing sidecars.
     #[arg(long, value_enum, help_heading = "Output")]
     format: Option<Format>,
+    /// Copy these columns of Parquet inputs into the --format parquet manifest, e.g. url,key.
+    #[arg(long, value_name = "A,B", value_delimiter = ',', help_heading = "Output")]
+    keep_columns: Vec<String>,
     /// Write the results (in --format, default jsonl) to FILE instead of standard output.
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     manifest: Option<PathBuf>,
@@ -137,12 +150,14 @@ pub struct CaptionArgs {
     quiet: bool,
 }
 
-impl From<Format> for ManifestFormat {
-    fn from(f: Format) -> Self {
-        match f {
-            Format::Text => ManifestFormat::Text,
-            Format::Jsonl => ManifestFormat::Jsonl,
-            Format::Csv => ManifestFormat::Csv,
+impl Format {
+    /// The format of a text manifest; `None` for Parquet.
+    fn text(self) -> Option<ManifestFormat> {
+        match self {
+            Format::Text => Some(ManifestFormat::Text),
+            Format::Jsonl => Some(ManifestFormat::Jsonl),
+            Format::Csv => Some(ManifestFormat::Csv),
+            Format::Parquet => None,
         }
     }
 }
@@ -167,7 +182,9 @@ struct CaptionPlan {
     /// `Some` when captions are written to files (folders, a list, --ext or --output-dir given).
     sidecars: Option<Sidecars>,
     /// The record of results: its format and file (standard output when `None`).
-    manifest: Option<(ManifestFormat, Option<PathBuf>)>,
+    manifest: Option<(Format, Option<PathBuf>)>,
+    /// The columns Parquet inputs are read by.
+    columns: Columns,
     /// Text records carry only the caption: one image given, printed.
     bare: bool,
     errors: Option<PathBuf>,
@@ -208,6 +225,17 @@ impl CaptionArgs {
             (true, None) if self.manifest.is_some() => Some(Format::Jsonl),
             (true, f) => f,
         };
+        if format == Some(Format::Parquet) && self.manifest.is_none() {
+            return Err(Error::Usage(
+                "--format parquet writes a file: give it with --manifest FILE.parquet".into(),
+            ));
+        }
+        if !self.keep_columns.is_empty() && format != Some(Format::Parquet) {
+            return Err(Error::Usage(
+                "--keep-columns copies columns into a Parquet manifest: add --format parquet --manifest FILE.parquet"
+                    .into(),
+            ));
+        }
         let pipeline = Plan {
             task: Task::new(&self.task, self.text_input.as_deref())?,
             generation: self.generation.request(),
@@ -222,7 +250,14 @@ impl CaptionArgs {
         };
         Ok(CaptionPlan {
             pipeline,
-            bare: self.inputs.len() == 1 && self.files_from.is_none() && !dataset_mode,
+            // Only the caption, for a single image: a container's records need their names.
+            bare: self.inputs.len() == 1
+                && self.files_from.is_none()
+                && !dataset_mode
+                && !self
+                    .inputs
+                    .iter()
+                    .any(|p| pipeline::is_tar(p) || pipeline::is_parquet(p)),
             inputs,
             recursive: self.recursive,
             shard: self
@@ -231,13 +266,74 @@ impl CaptionArgs {
                 .transpose()
                 .map_err(Error::Usage)?,
             sidecars,
-            manifest: format.map(|f| (f.into(), self.manifest)),
+            manifest: format.map(|f| (f, self.manifest)),
+            columns: Columns {
+                image: self.image_column,
+                keep: self.keep_columns,
+            },
             errors: self.errors,
             model: self.model,
             offline: self.offline,
             precision: self.precision,
             quiet: self.quiet,
         })
+    }
+}
+
+impl CaptionPlan {
+    /// Refuses tar shards and Parquet files whose captions would go nowhere: no caption shards
+    /// (--output-dir) and no manifest (a run writing sidecars prints none by default).
+    fn check_destinations(&self, inputs: &[Input]) -> Result<(), Error> {
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        let caption_shards = self.sidecars.as_ref().is_some_and(|s| s.output_dir.is_some());
+        for input in inputs {
+            let wanted = match input {
+                Input::Tar(_) if !caption_shards => "a caption shard under --output-dir DIR, or --format/--manifest",
+                Input::Parquet(_) => "--format/--manifest, e.g. --format parquet --manifest captions.parquet",
+                _ => continue,
+            };
+            return Err(Error::Usage(format!(
+                "{}: its captions need a destination: give {wanted}",
+                input.file().path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sinks the flags ask for, in order: caption files and shards, the manifest, the error log.
+    fn sinks(&self, work: &Work) -> Result<Vec<Box<dyn Sink>>, Error> {
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        if let Some(policy) = &self.sidecars {
+            sinks.push(Box::new(SidecarSink::new(policy.clone())));
+            sinks.push(Box::new(CaptionShardSink::new(&policy.ext)));
+        }
+        let weights = self.precision.describe();
+        match &self.manifest {
+            Some((Format::Parquet, Some(path))) => {
+                sinks.push(Box::new(ParquetSink::to_file(path, &self.model, weights, &work.kept)?));
+            }
+            Some((format, file)) => {
+                let format = format.text().unwrap_or(ManifestFormat::Jsonl);
+                let manifest = match file {
+                    Some(path) => ManifestSink::to_file(format, path, &self.model, weights)?,
+                    None => ManifestSink::new(
+                        format,
+                        Box::new(std::io::stdout()),
+                        "standard output",
+                        &self.model,
+                        weights,
+                    ),
+                };
+                sinks.push(Box::new(manifest.bare(self.bare)));
+            }
+            None => {}
+        }
+        if let Some(path) = &self.errors {
+            sinks.push(Box::new(ErrorLog::open(path)?));
+        }
+        Ok(sinks)
     }
 }
 
@@ -249,16 +345,30 @@ pub struct Progress {
 impl Progress {
     /// A bar over `images` (hidden when `quiet` or there is nothing to do).
     pub fn new(images: usize, quiet: bool) -> Self {
-        let bar = if quiet || images == 0 {
-            indicatif::ProgressBar::hidden()
-        } else {
-            let b = indicatif::ProgressBar::new(images as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
-                    .expect("valid template"),
-            );
-            b
+        Self::of(Some(images), quiet)
+    }
+
+    /// A bar over `images`, or a count when the total is unknown (tar shards are not counted
+    /// ahead); hidden when `quiet` or there is nothing to do.
+    pub fn of(images: Option<usize>, quiet: bool) -> Self {
+        let (bar, template) = match images {
+            _ if quiet => {
+                return Self {
+                    bar: indicatif::ProgressBar::hidden(),
+                }
+            }
+            Some(0) => {
+                return Self {
+                    bar: indicatif::ProgressBar::hidden(),
+                }
+            }
+            Some(n) => (
+                indicatif::ProgressBar::new(n as u64),
+                "{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+            ),
+            None => (indicatif::ProgressBar::no_length(), "{pos} images  {per_sec}  {msg}"),
         };
+        bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
         Self { bar }
     }
 
@@ -300,37 +410,17 @@ impl Sink for Progress {
 pub fn run(args: CaptionArgs, interrupted: &AtomicBool) -> Result<bool, Error> {
     let started = Instant::now();
     let plan = args.plan()?;
-    let (images, unreadable) = pipeline::collect_images(&plan.inputs, plan.recursive);
-    let mut work = pipeline::plan_work(images, plan.shard, plan.sidecars.as_ref());
+    let (inputs, unreadable) = pipeline::collect_inputs(&plan.inputs, plan.recursive);
+    plan.check_destinations(&inputs)?;
+    let mut work = pipeline::plan_inputs(inputs, plan.shard, plan.sidecars.as_ref(), &plan.columns);
     work.failures.splice(0..0, unreadable);
 
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(policy) = &plan.sidecars {
-        sinks.push(Box::new(SidecarSink::new(policy.clone())));
-    }
-    if let Some((format, file)) = &plan.manifest {
-        let weights = plan.precision.describe();
-        let manifest = match file {
-            Some(path) => ManifestSink::to_file(*format, path, &plan.model, weights)?,
-            None => ManifestSink::new(
-                *format,
-                Box::new(std::io::stdout()),
-                "standard output",
-                &plan.model,
-                weights,
-            ),
-        };
-        sinks.push(Box::new(manifest.bare(plan.bare)));
-    }
-    if let Some(path) = &plan.errors {
-        sinks.push(Box::new(ErrorLog::open(path)?));
-    }
-    let total = if work.jobs.is_empty() {
-        0
-    } else {
-        work.jobs.len() + work.failures.len()
+    let mut sinks = plan.sinks(&work)?;
+    let total = match work.images() {
+        _ if work.jobs.is_empty() => Some(0),
+        known => known.map(|n| n + work.failures.len()),
     };
-    let progress = Progress::new(total, plan.quiet);
+    let progress = Progress::of(total, plan.quiet);
     let bar = progress.bar.clone();
     let load = || progress.load_model(&plan.model, plan.offline, plan.quiet, &plan.precision);
     sinks.push(Box::new(Progress { bar: bar.clone() }));

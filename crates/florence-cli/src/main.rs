@@ -42,6 +42,8 @@ enum Command {
   florence caption --model ./Florence-2-base -r ./dataset --ext .caption --prefix 'ohwx, '
   florence caption --model ./Florence-2-base -r ./dataset --output-dir ./captions --format csv --manifest all.csv
   florence caption --model ./Florence-2-base --files-from list.txt --shard 0/4 --errors errors.jsonl
+  florence caption --model ./Florence-2-base shards/*.tar --output-dir captions   # WebDataset: captions/00000.tar
+  florence caption --model ./Florence-2-base data.parquet --image-column jpg --format parquet --manifest out.parquet --keep-columns key,url
   florence caption --model ./Florence-2-large --task '<MORE_DETAILED_CAPTION>' --format jsonl *.png
   florence caption --model ./Florence-2-base --task '<CAPTION_TO_PHRASE_GROUNDING>' --text-input 'a green car' car.jpg
   florence caption --model ./Florence-2-base --do-sample --temperature 0.7 --top-p 0.9 --seed 42 photo.jpg

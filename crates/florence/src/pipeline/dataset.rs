@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::parquet::Columns;
 use super::shard::Shard;
+use super::source::{plan_inputs, Input, Member, Work};
 
 /// File extensions taken as images without looking inside (case-insensitive).
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "jfif", "webp", "gif", "bmp", "tif", "tiff"];
@@ -38,7 +40,12 @@ pub struct InputError {
 fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+        .is_some_and(is_image_extension)
+}
+
+/// Whether `ext` (without its dot) is an image file extension, in any case.
+pub(super) fn is_image_extension(ext: &str) -> bool {
+    IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(ext))
 }
 
 /// Whether the file's first bytes are those of an image format we decode.
@@ -271,64 +278,21 @@ impl Sidecars {
 }
 
 /// An image to caption and, when captions go to files, its caption file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
-    /// The image.
+    /// The image; for one inside a container, its name is `CONTAINER/NAME` (`shard.tar/0001.jpg`,
+    /// `data.parquet/17`).
     pub image: InputImage,
     /// Its caption file, when captions are written as sidecars.
     pub sidecar: Option<PathBuf>,
+    /// Where it is inside a container (a tar shard, a Parquet file), for one that is.
+    pub member: Option<Member>,
 }
 
-/// What is left to do for an input, decided before the model is loaded.
-#[derive(Debug, Default)]
-pub struct Work {
-    /// The images to caption, in order.
-    pub jobs: Vec<Job>,
-    /// Images of this shard whose caption exists and is kept (`Existing::Skip`).
-    pub skipped: usize,
-    /// Images of this shard that cannot be captioned (unlisted paths, clashing caption files).
-    pub failures: Vec<InputError>,
-}
-
-/// Decides the work for `images`: the ones in `shard`, less those whose caption is kept; an
-/// image whose caption file is already another image's (`photo.jpg`, `photo.png`) fails, and
-/// the first in order keeps the file. Claims are made over the whole input, so every shard
-/// agrees on the owner. Leftover temporary files of a killed run are removed.
+/// Decides the work for image files: [`plan_inputs`] over images only.
 pub fn plan_work(images: Vec<InputImage>, shard: Option<Shard>, sidecars: Option<&Sidecars>) -> Work {
-    let mut work = Work::default();
-    let mut claimed: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
-    for image in images {
-        let mine = shard.is_none_or(|s| s.contains(&image));
-        let sidecar = sidecars.map(|s| s.path_for(&image));
-        if let Some(sc) = &sidecar {
-            if let Some(owner) = claimed.get(sc) {
-                if mine {
-                    work.failures.push(InputError {
-                        reason: format!(
-                            "its caption file {} is already the caption of {}; rename one of the two images",
-                            sc.display(),
-                            owner.display()
-                        ),
-                        path: image.path,
-                    });
-                }
-                continue;
-            }
-            claimed.insert(sc.clone(), image.path.clone());
-        }
-        if !mine {
-            continue;
-        }
-        if let (Some(sc), Some(policy)) = (&sidecar, sidecars) {
-            let _ = std::fs::remove_file(temp_path(sc));
-            if policy.existing == Existing::Skip && sc.exists() {
-                work.skipped += 1;
-                continue;
-            }
-        }
-        work.jobs.push(Job { image, sidecar });
-    }
-    work
+    let inputs = images.into_iter().map(Input::Image).collect();
+    plan_inputs(inputs, shard, sidecars, &Columns::default())
 }
 
 #[cfg(test)]

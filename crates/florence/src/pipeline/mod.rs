@@ -27,28 +27,35 @@
 
 mod dataset;
 mod loader;
+mod parquet;
 mod shard;
 mod sink;
+mod source;
+mod webdataset;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub use dataset::{
     collect_images, merge_caption, plan_work, read_list, sidecar_path, temp_path, write_atomic, Existing, InputError,
-    InputImage, Job, Sidecars, Work,
+    InputImage, Job, Sidecars,
 };
+pub use parquet::{is_parquet, Columns, KeptColumns, KeptSchema, ParquetSink, RowGroups};
 pub use shard::{shard_hash, Shard, ShardSpec, SCHEDULER_VARIABLES};
 pub use sink::{
     generation_json, jsonl_record, Captioned, ErrorLog, ManifestFormat, ManifestSink, RunInfo, SidecarSink, Sink,
     SinkFailure,
 };
+pub use source::{collect_inputs, plan_inputs, Container, Input, Member, Source, Work};
+pub use webdataset::{is_tar, CaptionShardSink, TarShard};
 
 use crate::error::Result;
 use crate::generation::{GenerationConfig, GenerationRequest};
 use crate::preprocess::{DecodeOptions, ImageProcessor, PreparedImage};
 use crate::tasks::Task;
 use crate::Florence;
+use loader::Loaded;
 
 /// What to run on every image, and how.
 #[derive(Debug, Clone)]
@@ -197,18 +204,20 @@ impl Run<'_, '_, '_> {
         Ok(engine)
     }
 
-    fn caption(&mut self, jobs: Vec<Job>, model: ModelSource, stop: &AtomicBool) -> Result<()> {
+    fn caption(&mut self, sources: Vec<Source>, model: ModelSource, stop: &AtomicBool) -> Result<()> {
         let batch_size = self.plan.batch_size.max(1);
         // Set once the model (and so its image size) is known; from then on the loader resizes too.
         let processor = OnceLock::<ImageProcessor>::new();
         std::thread::scope(|scope| {
-            let decoded = loader::decode_ahead(scope, jobs, self.plan.decode, 2 * batch_size, &processor, stop);
+            let decoded = loader::decode_ahead(scope, sources, self.plan.decode, 2 * batch_size, &processor, stop);
             let mut model = Some(model);
             let mut engine: Option<Engine> = None;
             let mut batch: Vec<(Job, PreparedImage)> = Vec::with_capacity(batch_size);
-            for (job, image) in decoded {
-                match image {
-                    Ok(image) => {
+            // Containers whose last images are still in `batch`: done once it has run.
+            let mut done: Vec<Arc<Container>> = Vec::new();
+            for loaded in decoded {
+                match loaded {
+                    Loaded::Image(job, Ok(image)) => {
                         let engine = match &mut engine {
                             Some(e) => e,
                             None => {
@@ -219,17 +228,33 @@ impl Run<'_, '_, '_> {
                         };
                         batch.push((job, image.prepare(engine.model().processor())));
                     }
-                    Err(reason) => self.fail(&job.image.path, &reason)?,
+                    Loaded::Image(job, Err(reason)) => self.fail(&job.image.path, &reason)?,
+                    Loaded::Broken(path, reason) => self.fail(&path, &reason)?,
+                    Loaded::Done(container) => done.push(container),
                 }
                 if batch.len() == batch_size {
                     self.run_batch(&mut batch, engine.as_ref())?;
+                }
+                if batch.is_empty() {
+                    self.containers_done(&mut done)?;
                 }
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
             }
-            self.run_batch(&mut batch, engine.as_ref())
+            self.run_batch(&mut batch, engine.as_ref())?;
+            self.containers_done(&mut done)
         })
+    }
+
+    /// Tells the sinks that the containers in `done` (emptied) are complete.
+    fn containers_done(&mut self, done: &mut Vec<Arc<Container>>) -> Result<()> {
+        for container in done.drain(..) {
+            for sink in self.sinks.iter_mut() {
+                sink.container_done(&container)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the model on `batch` (emptied) and hands each result to the sinks.

@@ -29,7 +29,13 @@ impl Shard {
 
     /// Whether `image` belongs to this shard.
     pub fn contains(&self, image: &InputImage) -> bool {
-        (shard_hash(&image.key) % self.count as u64) as usize == self.index
+        self.contains_key(&image.key)
+    }
+
+    /// Whether the input whose key is `key` (an image's, a tar shard's, a Parquet row group's)
+    /// belongs to this shard.
+    pub fn contains_key(&self, key: &Path) -> bool {
+        (shard_hash(key) % self.count as u64) as usize == self.index
     }
 }
 

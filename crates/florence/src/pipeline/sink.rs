@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::dataset::{Job, Sidecars};
+use super::source::Container;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::tasks::Task;
@@ -59,6 +60,11 @@ pub trait Sink {
     fn captioned(&mut self, item: &Captioned) -> Result<(), SinkFailure>;
     /// An image that could not be captioned, with the reason.
     fn failed(&mut self, _path: &Path, _reason: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Every image of `container` (a tar shard) has been passed to the sinks, captioned or
+    /// failed, so what is written for it as a whole can be completed.
+    fn container_done(&mut self, _container: &Container) -> Result<()> {
         Ok(())
     }
     /// The run is over; flush what is buffered.
@@ -332,6 +338,7 @@ mod tests {
                 key: path.into(),
             },
             sidecar: None,
+            member: None,
         };
         let output = Output {
             ids: vec![2, 0, 2],
