@@ -90,6 +90,9 @@ async fn require_key(State(state): State<Arc<AppState>>, request: Request, next:
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            // Read what the client sends (within the body limit) before answering: a connection
+            // closed under a client still writing its body gives it a broken pipe, not the 401.
+            let _ = axum::body::to_bytes(request.into_body(), state.config.max_body_bytes).await;
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong API key: send the header Authorization: Bearer KEY",
