@@ -6,7 +6,8 @@
 #
 # The toolkit is CUDA 13.0 (override with CUDA_VERSION=13.x): a driver refuses PTX from a toolkit
 # newer than itself, so keep this at or below the driver's CUDA version (`nvidia-smi`).
-# The binary is target/release/florence; at run time it loads libcudart, libcublas, libcurand and
+# The binary is target/release/florence (and the tensor path's generation test, whose path is
+# printed, for tools/cuda/check.sh); at run time it loads libcudart, libcublas, libcurand and
 # libnvrtc from LD_LIBRARY_PATH (this script prints the value to use) and libcuda from the driver.
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -39,4 +40,7 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L $ENV/link"
 cd "$ROOT"
 cargo build --release -p florence-cli --features cuda
 echo "built ${CARGO_TARGET_DIR:-$ROOT/target}/release/florence with CUDA (compute capability $CUDA_COMPUTE_CAP)"
+# The tensor path's generation test, to run on the GPU (tools/cuda/check.sh): its path is printed.
+cargo test --release -p florence --features cuda --test tensor_generation --no-run 2>&1 \
+  | sed -n 's/.*Executable .*(\(.*\)).*/built the GPU test \1/p'
 echo "run it with LD_LIBRARY_PATH=$CUDA/lib"

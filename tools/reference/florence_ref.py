@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, Florence2VisionConfig
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "testdata"))
+# ../shared/testdata beside the repository, or FLORENCE_TEST_SHARED where it was carried elsewhere
+# (tools/cuda/check.sh on a GPU machine).
+SHARED = os.environ.get("FLORENCE_TEST_SHARED") or os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "testdata"))
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 

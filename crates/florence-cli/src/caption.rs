@@ -190,7 +190,7 @@ struct CaptionPlan {
     errors: Option<PathBuf>,
     model: String,
     offline: bool,
-    precision: crate::precision::PrecisionArgs,
+    precision: crate::precision::Precision,
     quiet: bool,
 }
 
@@ -274,7 +274,7 @@ impl CaptionArgs {
             errors: self.errors,
             model: self.model,
             offline: self.offline,
-            precision: self.precision,
+            precision: self.precision.resolve("caption", false)?,
             quiet: self.quiet,
         })
     }
@@ -309,7 +309,7 @@ impl CaptionPlan {
             sinks.push(Box::new(SidecarSink::new(policy.clone())));
             sinks.push(Box::new(CaptionShardSink::new(&policy.ext)));
         }
-        let weights = self.precision.describe();
+        let weights = self.precision.description.clone();
         match &self.manifest {
             Some((Format::Parquet, Some(path))) => {
                 sinks.push(Box::new(ParquetSink::to_file(path, &self.model, weights, &work.kept)?));
@@ -378,13 +378,16 @@ impl Progress {
         model: &str,
         offline: bool,
         quiet: bool,
-        precision: &crate::precision::PrecisionArgs,
+        precision: &crate::precision::Precision,
     ) -> Result<Florence, Error> {
         let bar = &self.bar;
         bar.set_message(format!("loading {model}"));
         let offline = offline || florence::hub::offline_from_env();
         let dir = bar.suspend(|| florence::hub::resolve(model, offline, !quiet))?;
-        let loaded = Florence::load(&dir, &precision.load_options())?;
+        if let Some(notice) = precision.notice.as_ref().filter(|_| !quiet) {
+            bar.suspend(|| eprintln!("{notice}"));
+        }
+        let loaded = Florence::load(&dir, &precision.options)?;
         for warning in loaded.warnings() {
             bar.suspend(|| eprintln!("warning: {warning}"));
         }

@@ -153,11 +153,12 @@ fn caption(
         .collect();
     let work = pipeline::plan_work(images, None, None);
     let progress = Progress::new(work.jobs.len(), args.quiet);
-    let mut manifest = ManifestSink::to_file(ManifestFormat::Jsonl, file, model, args.precision.describe())?;
+    let precision = args.precision.resolve("eval", false)?;
+    let mut manifest = ManifestSink::to_file(ManifestFormat::Jsonl, file, model, precision.description.clone())?;
     let mut bar = Progress {
         bar: progress.bar.clone(),
     };
-    let load = || progress.load_model(model, args.offline, args.quiet, &args.precision);
+    let load = || progress.load_model(model, args.offline, args.quiet, &precision);
     let mut sinks: [&mut dyn Sink; 2] = [&mut manifest, &mut bar];
     let summary = pipeline::run(plan, work, ModelSource::Lazy(Box::new(load)), &mut sinks, interrupted)?;
     progress.bar.finish_and_clear();

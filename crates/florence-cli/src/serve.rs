@@ -98,7 +98,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             addr: SocketAddr::new(self.host, self.port),
             model_id: self.model_id.clone().unwrap_or_else(|| self.model.clone()),
-            weights: self.precision.describe(),
+            weights: self.precision.resolve("serve", true)?.description,
             max_batch_size: self.max_batch_size,
             max_queue: self.max_queue,
             max_body_bytes: self.max_body_bytes,
@@ -120,7 +120,7 @@ pub fn run(args: ServeArgs) -> Result<(), Error> {
     let load = move || {
         let offline = args.offline || florence::hub::offline_from_env();
         let dir = florence::hub::resolve(&args.model, offline, true)?;
-        let loaded = florence::Florence::load(&dir, &args.precision.load_options())?;
+        let loaded = florence::Florence::load(&dir, &args.precision.resolve("serve", true)?.options)?;
         for warning in loaded.warnings() {
             eprintln!("warning: {warning}");
         }

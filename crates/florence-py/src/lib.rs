@@ -169,9 +169,7 @@ impl Florence {
         let task = Task::new(task, text_input).map_err(to_py)?;
         let request = generation_request(generation)?;
         let settings = request.resolve(self.model.generation_config());
-        settings
-            .validate(self.model.network().max_decoder_positions())
-            .map_err(to_py)?;
+        settings.validate(self.model.max_decoder_positions()).map_err(to_py)?;
         let batch_size = match batch_size {
             Some(0) => return Err(PyValueError::new_err("batch_size must be at least 1")),
             n => n.unwrap_or(1),

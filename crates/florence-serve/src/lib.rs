@@ -156,7 +156,12 @@ pub fn serve(
         let loading = state.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            match load() {
+            // Batching across requests needs the CPU kernels: a GPU model is refused here.
+            let loaded = load().and_then(|model| {
+                model.network()?;
+                Ok(model)
+            });
+            match loaded {
                 Ok(model) => {
                     loading.set_ready(model);
                     eprintln!("model loaded in {:.1} s; ready", started.elapsed().as_secs_f64());

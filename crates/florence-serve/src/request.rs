@@ -162,7 +162,7 @@ pub async fn submit(
     let model = ready.model.clone();
     let generation = job.generation.resolve(&ready.defaults);
     generation
-        .validate(model.network().max_decoder_positions())
+        .validate(model.max_decoder_positions())
         .map_err(|e| ApiError::from_florence(&e))?;
     let prompt_tokens = model
         .tokenizer()

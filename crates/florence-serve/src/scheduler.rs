@@ -61,7 +61,10 @@ pub fn spawn(
 }
 
 fn run(model: &Florence, submissions: &mpsc::Receiver<Submission>, max_batch: usize, metrics: &Metrics) {
-    let mut batch: RunningBatch<u64> = RunningBatch::new(model);
+    // `serve` refuses a model off the CPU kernels before it is ready; nothing is queued then.
+    let Ok(mut batch) = RunningBatch::<u64>::new(model) else {
+        return;
+    };
     let mut in_flight: HashMap<u64, InFlight> = Default::default();
     let mut next_key = 0u64;
     loop {

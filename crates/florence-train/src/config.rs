@@ -26,7 +26,7 @@
 //! | `save_steps`, `eval_steps` | none: save and evaluate at the end only |
 //! | `save_total_limit` | none: keep every checkpoint |
 //! | `eval_split` (alias `eval_split_ratio`) | 0: no evaluation |
-//! | `eval_before_training`, `freeze_*`, `gradient_checkpointing`, `pad_in_loss` | false |
+//! | `eval_before_training`, `freeze_*`, `gradient_checkpointing`, `pad_in_loss`, `use_bf16` | false |
 //! | `shuffle` | true |
 //! | `loss_normalization` | `mean` |
 //!
@@ -171,6 +171,10 @@ pub struct TrainConfig {
     pub loss_normalization: LossNormalization,
     /// `pad_in_loss`: train on pad tokens too, as Florence-2ner does.
     pub pad_in_loss: bool,
+    /// `use_bf16`: mixed precision, as torch's bf16 autocast: the model computes in bf16
+    /// (normalizations, softmax and the loss in f32) over f32 master weights, which the
+    /// gradients reach in f32 and the optimizer updates in f32.
+    pub use_bf16: bool,
 }
 
 impl TrainConfig {

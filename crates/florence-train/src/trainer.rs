@@ -212,11 +212,24 @@ impl<'p> Trainer<'p> {
         })
     }
 
+    /// With `use_bf16`, the model over bf16 casts of the current weights (made again for every
+    /// step, after the last update): it computes in bf16 and its gradients reach the f32
+    /// variables through the casts.
+    fn bf16_model(&self) -> Result<Option<Florence2>> {
+        if !self.plan.config.use_bf16 {
+            return Ok(None);
+        }
+        let view = self.params.cast_view(candle_core::DType::BF16)?;
+        Ok(Some(Florence2::new(&self.plan.model_config, &view)?))
+    }
+
     /// One optimizer step over the micro-batches of `window`.
     fn train_step(&mut self, step: usize, window: &[Vec<usize>], pixels: &mut Prefetcher) -> Result<StepMetrics> {
         let c = &self.plan.config;
         let accumulation = c.gradient_accumulation_steps;
         let vars: Vec<Var> = self.trainable.iter().map(|p| p.var.clone()).collect();
+        let cast = self.bf16_model()?;
+        let model = cast.as_ref().unwrap_or(&self.model);
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens, mut samples) = (0f64, 0usize, 0usize);
         for (micro, batch) in window.iter().enumerate() {
@@ -234,7 +247,7 @@ impl<'p> Trainer<'p> {
                 seed: dropout_seed(c.seed, step, micro),
                 checkpointing: c.gradient_checkpointing,
             };
-            let segments = self.model.segments(&text);
+            let segments = model.segments(&text);
             let inputs = vec![pixel_values.to_device(&self.device)?];
             let (sum, micro_grads) = segment::backward(&segments, inputs, &vars, scale as f64, &pass)?;
             let sum = sum.to_scalar::<f32>()?;
@@ -320,12 +333,12 @@ impl<'p> Trainer<'p> {
             checkpointing: false,
         };
         let (mut total, mut tokens) = (0f64, 0usize);
+        let cast = self.bf16_model()?;
+        let model = cast.as_ref().unwrap_or(&self.model);
         for _ in 0..count {
             let (batch, pixel_values) = next_batch(&mut pixels)?;
             let text = self.text_inputs(&batch)?;
-            let sum = self
-                .model
-                .loss_sum(&pixel_values.to_device(&self.device)?, &text, &pass)?;
+            let sum = model.loss_sum(&pixel_values.to_device(&self.device)?, &text, &pass)?;
             total += sum.to_scalar::<f32>()? as f64;
             tokens += text.label_count;
         }

@@ -108,8 +108,8 @@ fn mapping_form_example_yaml() {
     );
     assert_eq!(c.eval_split, EvalSplit::Count(256));
     assert_eq!(
-        (c.min_learning_rate, c.gradient_checkpointing, c.eval_before_training),
-        (0.00000025, false, true)
+        (c.min_learning_rate, c.gradient_checkpointing, c.eval_before_training, c.use_bf16),
+        (0.00000025, false, true, true)
     );
     let ignored: Vec<&str> = notes.iter().map(|n| n.split('"').nth(1).unwrap()).collect();
     assert_eq!(
@@ -118,7 +118,6 @@ fn mapping_form_example_yaml() {
             "wandb_project_name",
             "wandb_x_stats_sampling_interval",
             "attn_implementation",
-            "use_bf16",
             "do_extra_eval",
             "print_first_batch_predictions",
             "filtering_processes_per_thread",

@@ -312,3 +312,35 @@ fn an_interrupted_run_saves_a_checkpoint_that_resumes_exactly() {
         std::fs::read_to_string(first.join("metrics.jsonl")).unwrap()
     );
 }
+
+/// `use_bf16` (mixed precision: bf16 compute over f32 master weights) against PyTorch's f32
+/// run of the same config: every step's loss, eval loss and gradient norm stay within bf16's
+/// reach of f32, and the loss falls as it does. A path that lost the gradients (casts that cut
+/// autograd) or computed the loss in bf16 would be far off by the last step.
+#[test]
+fn bf16_mixed_precision_follows_the_f32_run() {
+    let layout = Layout::new();
+    let config = layout.config("came_rex");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("use_bf16: true\n");
+    std::fs::write(&config, text).unwrap();
+    let out = layout.output("came_rex_bf16");
+    train(&config, &out, None, None);
+    let ours = lines(&out.join("metrics.jsonl"));
+    let reference = lines(&fixtures().join("runs/came_rex/metrics.jsonl"));
+    assert_eq!(ours.len(), reference.len());
+    let mut worst = std::collections::BTreeMap::new();
+    for (o, r) in ours.iter().zip(&reference) {
+        for (key, rel) in [("loss", 5e-3), ("eval_loss", 5e-3), ("grad_norm", 5e-2)] {
+            if r.get(key).is_some() {
+                let (a, b) = (field(o, key), field(r, key));
+                let w: &mut f64 = worst.entry(key).or_default();
+                *w = w.max((a - b).abs() / b.abs());
+                assert!(close(a, b, rel), "step {}: bf16 {key} {a}, PyTorch f32 {b}", r["step"]);
+            }
+        }
+    }
+    eprintln!("bf16 mixed precision against PyTorch f32: largest relative differences {worst:?}");
+    let losses: Vec<f64> = ours.iter().filter_map(|l| l["eval_loss"].as_f64()).collect();
+    assert!(losses.last() < losses.first(), "eval losses {losses:?}");
+}

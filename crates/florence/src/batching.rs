@@ -15,7 +15,7 @@
 //! # fn main() -> florence::Result<()> {
 //! let model = Florence::load("Florence-2-base".as_ref(), &LoadOptions::default())?;
 //! let image = model.processor().prepare(&florence::preprocess::load_image("a.jpg".as_ref())?);
-//! let mut batch = RunningBatch::new(&model);
+//! let mut batch = RunningBatch::new(&model)?;
 //! let task = Task::new("<CAPTION>", None)?;
 //! batch.join(vec![Joining { key: "a", image, task, generation: model.generation_config().clone() }]);
 //! while !batch.is_empty() {
@@ -38,7 +38,7 @@ use crate::generation::{Advance, GenerationConfig, ImageSearch};
 use crate::language::SequenceCache;
 use crate::preprocess::PreparedImage;
 use crate::tasks::Task;
-use crate::{on_pool_thread, Florence, Output};
+use crate::{on_pool_thread, Florence, Florence2, Output};
 
 /// An image that asks to join the batch.
 #[derive(Debug, Clone)]
@@ -85,16 +85,19 @@ struct Entry<K> {
 /// A generation that images join and leave at any step.
 pub struct RunningBatch<'m, K> {
     model: &'m Florence,
+    network: &'m Florence2,
     entries: Vec<Entry<K>>,
 }
 
 impl<'m, K: Clone> RunningBatch<'m, K> {
-    /// An empty batch over `model`.
-    pub fn new(model: &'m Florence) -> Self {
-        Self {
+    /// An empty batch over `model`, which must run on the CPU kernels (the searches of a
+    /// running batch keep one cache per image there).
+    pub fn new(model: &'m Florence) -> Result<Self> {
+        Ok(Self {
             model,
+            network: model.network()?,
             entries: Vec::new(),
-        }
+        })
     }
 
     /// Images in the batch.
@@ -121,8 +124,8 @@ impl<'m, K: Clone> RunningBatch<'m, K> {
     /// next [`step`](Self::step). Images that cannot join (settings that do not fit the model,
     /// a prompt too long) come back as [`Event::Done`] with the error.
     pub fn join(&mut self, joining: Vec<Joining<K>>) -> Vec<Event<K>> {
-        let model = self.model;
-        let max_positions = model.network().max_decoder_positions();
+        let (model, network) = (self.model, self.network);
+        let max_positions = model.max_decoder_positions();
         let mut refused = Vec::new();
         let mut accepted = Vec::with_capacity(joining.len());
         for j in joining {
@@ -139,9 +142,9 @@ impl<'m, K: Clone> RunningBatch<'m, K> {
         }
         let images: Vec<PreparedImage> = accepted.iter().map(|j| j.image.clone()).collect();
         let features = on_pool_thread(|| -> Result<Tensor> {
-            let features = model.network().vision_features(&model.stack(&images)?)?;
-            model.network().settle_memory();
-            model.network().project(&features)
+            let features = network.vision_features(&model.stack(&images)?)?;
+            network.settle_memory();
+            network.project(&features)
         });
         let features = match features {
             Ok(f) => f,
@@ -207,11 +210,11 @@ impl<'m, K: Clone> RunningBatch<'m, K> {
         if self.entries.is_empty() {
             return Ok(Vec::new());
         }
-        let model = self.model;
+        let (model, network) = (self.model, self.network);
         let tokens: Vec<u32> = self.entries.iter().flat_map(|e| e.search.tokens()).collect();
         let logits = {
             let mut caches: Vec<&mut SequenceCache> = self.entries.iter_mut().map(|e| &mut e.cache).collect();
-            on_pool_thread(|| model.network().decode_step(&tokens, &mut caches))
+            on_pool_thread(|| network.decode_step(&tokens, &mut caches))
         };
         let logits = match logits {
             Ok(l) => l,
@@ -274,7 +277,7 @@ fn start_group(
     members: &[usize],
     rows: &[usize],
 ) -> Result<Vec<SequenceCache>> {
-    let network = model.network();
+    let network = model.network()?;
     let ids = model.tokenizer().encode(prompt)?;
     let index = Tensor::new(members.iter().map(|&i| i as u32).collect::<Vec<_>>(), features.device())?;
     let memory = network.encode(&features.index_select(&index, 0)?, &ids)?;

@@ -64,8 +64,13 @@ pub struct LoadOptions {
     pub vision_weights: WeightFormat,
     /// How the language model's weights (token embeddings and `lm_head` included) are held.
     pub language_weights: WeightFormat,
-    /// Where the tensors live; the fast path runs on the CPU.
+    /// Where the tensors live. On the CPU the model runs on our kernels (the fast path); on
+    /// any other device (a CUDA GPU) on the [tensor path](tensor::Generator), in f32 when both
+    /// weight formats are f32 and in bf16 when both are bf16.
     pub device: Device,
+    /// Run on the tensor path on the CPU too: what a GPU runs, to check it against the fast
+    /// path (several times slower there).
+    pub tensor_path: bool,
     /// Refuse a checkpoint with tensors the model does not use, instead of loading it with a
     /// [warning](Florence::warnings). A tensor the model needs missing is refused either way.
     pub strict: bool,
@@ -77,9 +82,43 @@ impl Default for LoadOptions {
             vision_weights: WeightFormat::F32,
             language_weights: WeightFormat::F32,
             device: Device::Cpu,
+            tensor_path: false,
             strict: false,
         }
     }
+}
+
+impl LoadOptions {
+    /// The dtype the tensor path computes in: the weight formats' own, one for the whole model.
+    fn tensor_dtype(&self) -> Result<candle_core::DType> {
+        match (self.vision_weights, self.language_weights) {
+            (WeightFormat::F32, WeightFormat::F32) => Ok(candle_core::DType::F32),
+            (WeightFormat::Bf16, WeightFormat::Bf16) => Ok(candle_core::DType::BF16),
+            _ => Err(Error::unsupported(format!(
+                "on {} the model computes in one dtype, f32 or bf16, and int8 weights are for the CPU; \
+                 drop --quantize",
+                device_name(&self.device)
+            ))),
+        }
+    }
+}
+
+/// A device as messages name it.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "the CPU".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("CUDA GPU {gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("Metal GPU {gpu_id}"),
+    }
+}
+
+/// What runs a [`Florence`]'s network.
+#[derive(Debug)]
+enum Engine {
+    /// Our CPU kernels.
+    Kernels(Box<Florence2>),
+    /// The tensor path, on a GPU (or on the CPU when asked).
+    Tensor(Box<tensor::Generator>),
 }
 
 /// The result for one image.
@@ -96,7 +135,8 @@ pub struct Output {
 /// A loaded Florence-2 model with its tokenizer, image processor and default generation settings.
 #[derive(Debug)]
 pub struct Florence {
-    network: Florence2,
+    engine: Engine,
+    warnings: Vec<String>,
     tokenizer: FlorenceTokenizer,
     processor: ImageProcessor,
     generation: GenerationConfig,
@@ -130,9 +170,10 @@ impl Florence {
             let tokenizer = tokenizer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (tokenizer, model)
         });
-        let (tokenizer, (model, generation)) = (tokenizer?, model?);
+        let (tokenizer, ((engine, warnings), generation)) = (tokenizer?, model?);
         Ok(Self {
-            network: model,
+            engine,
+            warnings,
             tokenizer,
             processor,
             generation,
@@ -140,11 +181,24 @@ impl Florence {
         })
     }
 
-    fn load_model(dir: &Path, config: Florence2Config, options: &LoadOptions) -> Result<(Florence2, GenerationConfig)> {
+    #[allow(clippy::type_complexity)]
+    fn load_model(
+        dir: &Path,
+        config: Florence2Config,
+        options: &LoadOptions,
+    ) -> Result<((Engine, Vec<String>), GenerationConfig)> {
         let files = checkpoint::WeightFiles::discover(dir)?;
         let generation = Self::default_generation(&config, dir)?;
-        let model = Florence2::load(config, &files, options)?;
-        Ok((model, generation))
+        if options.device.is_cpu() && !options.tensor_path {
+            let model = Florence2::load(config, &files, options)?;
+            let warnings = model.warnings().to_vec();
+            return Ok(((Engine::Kernels(Box::new(model)), warnings), generation));
+        }
+        let dtype = options.tensor_dtype()?;
+        let mut checkpoint = checkpoint::Checkpoint::open(&files)?;
+        let warnings = checkpoint.check(&config, options.strict)?.into_iter().collect();
+        let generator = tensor::Generator::load(&config, &checkpoint, &options.device, dtype)?;
+        Ok(((Engine::Tensor(Box::new(generator)), warnings), generation))
     }
 
     fn preprocessor_config(dir: &Path) -> Result<PreprocessorConfig> {
@@ -196,12 +250,37 @@ impl Florence {
     /// the caller to show (the library prints nothing): tensors in the weights that the model
     /// config.json describes does not use.
     pub fn warnings(&self) -> &[String] {
-        self.network.warnings()
+        &self.warnings
     }
 
-    /// The network: vision tower, projector and language model, to run stage by stage.
-    pub fn network(&self) -> &Florence2 {
-        &self.network
+    /// The network on our CPU kernels: vision tower, projector and language model, to run
+    /// stage by stage (benchmarks, continuous batching). A model loaded on another device
+    /// runs whole batches through [`run`](Self::run) only.
+    pub fn network(&self) -> Result<&Florence2> {
+        match &self.engine {
+            Engine::Kernels(network) => Ok(network),
+            Engine::Tensor(g) => Err(Error::unsupported(format!(
+                "this needs the model on the CPU kernels, and it was loaded on {} (the tensor path); \
+                 load it on the CPU (--device cpu)",
+                device_name(g.device())
+            ))),
+        }
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        match &self.engine {
+            Engine::Kernels(network) => network.device(),
+            Engine::Tensor(g) => g.device(),
+        }
+    }
+
+    /// The most tokens the decoder can hold: the bound of `max_new_tokens`.
+    pub fn max_decoder_positions(&self) -> usize {
+        match &self.engine {
+            Engine::Kernels(network) => network.max_decoder_positions(),
+            Engine::Tensor(g) => g.max_decoder_positions(),
+        }
     }
 
     /// The tokenizer, with Florence-2's added tokens.
@@ -237,10 +316,11 @@ impl Florence {
             }
             data.extend_from_slice(&img.pixel_values);
         }
+        // On the host: the kernels read it there, and the tensor path uploads it in its dtype.
         Ok(Tensor::from_vec(
             data,
             (images.len(), 3, c.height, c.width),
-            self.network.device(),
+            &Device::Cpu,
         )?)
     }
 
@@ -256,16 +336,19 @@ impl Florence {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        gen.validate(self.network.max_decoder_positions())?;
+        gen.validate(self.max_decoder_positions())?;
         let prompt = self.tokenizer.encode(&task.prompt)?;
-        let seqs = on_pool_thread(|| {
-            let features = self.network.vision_features(&self.stack(images)?)?;
-            self.network.settle_memory();
-            let features = self.network.project(&features)?;
-            let memory = self.network.encode(&features, &prompt)?;
-            let mut decoder = self.network.decoder(&memory, gen.num_beams)?;
-            generation::generate(gen, images.len(), &mut decoder)
-        })?;
+        let seqs = match &self.engine {
+            Engine::Kernels(network) => on_pool_thread(|| {
+                let features = network.vision_features(&self.stack(images)?)?;
+                network.settle_memory();
+                let features = network.project(&features)?;
+                let memory = network.encode(&features, &prompt)?;
+                let mut decoder = network.decoder(&memory, gen.num_beams)?;
+                generation::generate(gen, images.len(), &mut decoder)
+            })?,
+            Engine::Tensor(g) => g.generate(&self.stack(images)?, &prompt, gen)?,
+        };
         seqs.into_iter()
             .zip(images)
             .map(|(ids, img)| self.output(ids, task, (img.width, img.height)))

@@ -56,9 +56,9 @@ impl Florence2 {
     pub(crate) fn build(config: Florence2Config, checkpoint: &Checkpoint, options: &LoadOptions) -> Result<Self> {
         let device = &options.device;
         if !device.is_cpu() {
-            // The fast path reads host memory; the GPU needs a generation path of its own.
+            // The fast path reads host memory; `Florence::load` runs the tensor path elsewhere.
             return Err(Error::unsupported(
-                "captioning on a GPU is not implemented yet; load the model on the CPU (training runs on CUDA)",
+                "Florence2 runs on the CPU kernels; load a model for a GPU with Florence::load, which runs the tensor path there",
             ));
         }
         let layout = checkpoint.layout;

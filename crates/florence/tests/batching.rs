@@ -32,7 +32,7 @@ fn staggered_joins_give_the_reference_tokens() {
         }
         waiting.reverse();
         let mut got: Vec<Option<Vec<u32>>> = vec![None; want.len()];
-        let mut batch = RunningBatch::new(&model);
+        let mut batch = RunningBatch::new(&model).unwrap();
         let mut most_rows = 0;
         for step in 0.. {
             let joining: Vec<_> = match step {
@@ -95,7 +95,7 @@ fn sampled_images_equal_lone_runs_and_stream_their_prefixes() {
         "the seeds should give different captions"
     );
 
-    let mut batch = RunningBatch::new(&model);
+    let mut batch = RunningBatch::new(&model).unwrap();
     let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); settings.len()];
     let mut got: Vec<Option<Vec<u32>>> = vec![None; settings.len()];
     for (key, g) in settings.iter().enumerate() {
@@ -150,7 +150,7 @@ fn bad_settings_are_refused_on_joining() {
         task: task.clone(),
         generation,
     };
-    let mut batch = RunningBatch::new(&model);
+    let mut batch = RunningBatch::new(&model).unwrap();
     let events = batch.join(vec![join(0, bad), join(1, model.generation_config().clone())]);
     assert_eq!(batch.len(), 1);
     match &events[..] {

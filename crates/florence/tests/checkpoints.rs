@@ -311,7 +311,7 @@ fn weights_renamed_to_the_other_layout_load_back() {
         } else {
             florence::Layout::Remote
         };
-        assert_eq!(model.network().layout, layout);
+        assert_eq!(model.network().unwrap().layout, layout);
         assert_eq!(first_case_ids(&model, fixture), want, "{fixture}");
     }
 }

@@ -91,13 +91,13 @@ fn tensors_match_the_reference() {
                 0.0,
                 "{name}/{img_name}: pixel values"
             );
-            let feats = model.network().encode_image(&pv).unwrap();
+            let feats = model.network().unwrap().encode_image(&pv).unwrap();
             let d = max_abs_diff(&feats.squeeze(0).unwrap(), &get("image_features"));
             assert!(d < 1e-4, "{name}/{img_name}: image features differ by {d}");
-            let memory = model.network().encode(&feats, &prompt).unwrap();
+            let memory = model.network().unwrap().encode(&feats, &prompt).unwrap();
             let d = max_abs_diff(&memory.squeeze(0).unwrap(), &get("encoder_output"));
             assert!(d < 1e-4, "{name}/{img_name}: encoder output differs by {d}");
-            let mut dec = model.network().decoder(&memory, 1).unwrap();
+            let mut dec = model.network().unwrap().decoder(&memory, 1).unwrap();
             let logits = dec.step_logits(&[2]).unwrap();
             let d = max_abs_diff(&logits.squeeze(0).unwrap(), &get("first_logits"));
             assert!(d < 1e-4, "{name}/{img_name}: first-step logits differ by {d}");
@@ -149,7 +149,7 @@ fn the_fast_path_refuses_tensors_that_track_gradients() {
     let name = &common::model_names()[0];
     let dir = common::model_dir(name);
     let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
-    let network = model.network();
+    let network = model.network().unwrap();
     let pixels = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let tracked = candle_core::Var::from_tensor(&pixels).unwrap();
     let err = network.vision_features(tracked.as_tensor()).unwrap_err().to_string();

@@ -45,10 +45,11 @@ fn first_logits(model: &Florence, img: &florence::RgbImage) -> Vec<f32> {
         .unwrap();
     let feats = model
         .network()
+        .unwrap()
         .encode_image(&model.pixel_values(std::slice::from_ref(img)).unwrap())
         .unwrap();
-    let memory = model.network().encode(&feats, &prompt).unwrap();
-    let mut dec = model.network().decoder(&memory, 1).unwrap();
+    let memory = model.network().unwrap().encode(&feats, &prompt).unwrap();
+    let mut dec = model.network().unwrap().decoder(&memory, 1).unwrap();
     dec.step_logits(&[2]).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 

@@ -12,7 +12,6 @@ use crate::schedule::ScheduleKind;
 /// Florence-2ner's keys that do nothing here, with why (one line each in the notes).
 const IGNORED: &[(&str, &str)] = &[
     ("attn_implementation", "attention is computed by this crate's own ops"),
-    ("use_bf16", "training runs in f32"),
     (
         "do_extra_eval",
         "BLEU/METEOR/ROUGE are not computed; eval loss and sample captions are",
@@ -79,6 +78,7 @@ const KEYS: &[&str] = &[
     "shuffle",
     "loss_normalization",
     "pad_in_loss",
+    "use_bf16",
     "task_prompt",
     "dataset_path",
     "dataset_config",
@@ -253,6 +253,7 @@ impl<'a> Reader<'a> {
                 .choice("loss_normalization", "mean, token_count")?
                 .unwrap_or(LossNormalization::Mean),
             pad_in_loss: self.bool("pad_in_loss", false)?,
+            use_bf16: self.bool("use_bf16", false)?,
             file: self.file.to_path_buf(),
         };
         // Every key in KEYS is taken above; one left over is a bug in this list.

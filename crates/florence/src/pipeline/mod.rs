@@ -192,7 +192,7 @@ impl Run<'_, '_, '_> {
             ModelSource::Lazy(load) => EngineModel::Owned(Box::new(load()?)),
         };
         let generation = self.plan.generation.resolve(model.get().generation_config());
-        generation.validate(model.get().network().max_decoder_positions())?;
+        generation.validate(model.get().max_decoder_positions())?;
         let engine = Engine { model, generation };
         let info = RunInfo {
             task: &self.plan.task,

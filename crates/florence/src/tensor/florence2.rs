@@ -48,6 +48,19 @@ impl Florence2 {
         Ok(out.remove(0))
     }
 
+    /// The encoder's output `[B, N + P, d]` for `pixel_values` `[B, 3, H, W]` and one `prompt`
+    /// shared by every image, in evaluation mode: what generation attends to.
+    pub fn memory(&self, pixel_values: &Tensor, prompt: &[u32]) -> Result<Tensor> {
+        let features = self.vision_tower.forward(pixel_values, &mut super::ops::Mode::eval())?;
+        let image_embeds = self.projector.forward(&features)?;
+        self.language_model.encode_prompt(&image_embeds, prompt)
+    }
+
+    /// The language model, whose decoder generates from [`memory`](Self::memory).
+    pub fn language_model(&self) -> &BartLanguageModel {
+        &self.language_model
+    }
+
     /// The logits `[B, L, V]` of `text`'s decoder inputs on `pixel_values`, in evaluation mode.
     pub fn logits(&self, pixel_values: &Tensor, text: &TextInputs) -> Result<Tensor> {
         let mut mode = super::ops::Mode::eval();

@@ -125,10 +125,10 @@ fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 }
 
 #[derive(Debug, Clone)]
-struct BartAttention {
+pub(super) struct BartAttention {
     q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
     out_proj: Linear,
     heads: usize,
     head_dim: usize,
@@ -150,7 +150,7 @@ impl BartAttention {
     }
 
     /// `[B, L, d]` to `[B, heads, L, head_dim]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         Ok(x.reshape((b, l, self.heads, self.head_dim))?
             .transpose(1, 2)?
@@ -160,15 +160,32 @@ impl BartAttention {
     /// Queries from `x` `[B, Lq, d]` attend to keys and values from `kv` `[B, Lk, d]`; `mask`
     /// (additive) broadcasts to `[B, heads, Lq, Lk]`.
     fn forward(&self, x: &Tensor, kv: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let scaling = (self.head_dim as f64).powf(-0.5);
-        let q = self.split_heads(&(self.q_proj.forward(x)? * scaling)?)?;
         let k = self.split_heads(&self.k_proj.forward(kv)?)?;
         let v = self.split_heads(&self.v_proj.forward(kv)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        self.attend(x, &k, &v, Some(mask), mode)
+    }
+
+    /// Queries from `x` `[B, Lq, d]` attend to keys and values already projected and split,
+    /// `[B, heads, Lk, head_dim]` (a decoder's cache); `mask` as in `forward`.
+    pub(super) fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let scaling = (self.head_dim as f64).powf(-0.5);
+        let q = self.split_heads(&(self.q_proj.forward(x)? * scaling)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
         let probs = dropout(&softmax_last_dim(&scores)?, self.attention_dropout, mode)?;
         let (b, _, l, _) = q.dims4()?;
         let y = probs
-            .matmul(&v)?
+            .matmul(v)?
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
         Ok(self.out_proj.forward(&y)?)
@@ -176,13 +193,13 @@ impl BartAttention {
 }
 
 /// A layer's MLP, `fc2(dropout(gelu(fc1(x))))`.
-fn mlp(fc1: &Linear, fc2: &Linear, activation_dropout: f64, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+pub(super) fn mlp(fc1: &Linear, fc2: &Linear, activation_dropout: f64, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
     let h = fc1.forward(x)?.gelu_erf()?;
     Ok(fc2.forward(&dropout(&h, activation_dropout, mode)?)?)
 }
 
 /// Post-LN residual: `norm(x + dropout(branch))`.
-fn residual(x: &Tensor, branch: &Tensor, norm: &LayerNorm, p: f64, mode: &mut Mode) -> Result<Tensor> {
+pub(super) fn residual(x: &Tensor, branch: &Tensor, norm: &LayerNorm, p: f64, mode: &mut Mode) -> Result<Tensor> {
     norm.forward(&(x + dropout(branch, p, mode)?)?)
 }
 
@@ -226,17 +243,26 @@ fn embed_positions(cfg: &TextConfig, vb: &VarBuilder) -> Result<Tensor> {
     Ok(vb.pp("embed_positions").get((rows, cfg.d_model), "weight")?)
 }
 
-/// `dropout(norm(x + positions))` for token embeddings `x` `[B, L, d]` at positions `0..L`, as
-/// BART's encoder and decoder both begin.
-fn embed(x: &Tensor, positions: &Tensor, norm: &LayerNorm, p: f64, mode: &mut Mode) -> Result<Tensor> {
-    let len = x.dim(1)?;
+/// `dropout(norm(x + positions))` for token embeddings `x` `[B, L, d]` at positions
+/// `start..start + L`, as BART's encoder and decoder both begin (`start` is 0 but for the steps
+/// of generation).
+pub(super) fn embed(
+    x: &Tensor,
+    positions: &Tensor,
+    start: usize,
+    norm: &LayerNorm,
+    p: f64,
+    mode: &mut Mode,
+) -> Result<Tensor> {
+    let len = start + x.dim(1)?;
     let max = positions.dim(0)? - POSITION_OFFSET;
     if len > max {
         return Err(Error::usage(format!(
             "a sequence of {len} positions exceeds the language model's {max}; shorten the prompt or caption"
         )));
     }
-    let x = norm.forward(&x.broadcast_add(&positions.narrow(0, POSITION_OFFSET, len)?)?)?;
+    let rows = positions.narrow(0, POSITION_OFFSET + start, x.dim(1)?)?;
+    let x = norm.forward(&x.broadcast_add(&rows.to_dtype(x.dtype())?)?)?;
     dropout(&x, p, mode)
 }
 
@@ -263,16 +289,16 @@ impl BartEncoder {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    self_attn: BartAttention,
-    self_attn_layer_norm: LayerNorm,
-    encoder_attn: BartAttention,
-    encoder_attn_layer_norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    final_layer_norm: LayerNorm,
-    dropout: f64,
-    activation_dropout: f64,
+pub(super) struct DecoderLayer {
+    pub(super) self_attn: BartAttention,
+    pub(super) self_attn_layer_norm: LayerNorm,
+    pub(super) encoder_attn: BartAttention,
+    pub(super) encoder_attn_layer_norm: LayerNorm,
+    pub(super) fc1: Linear,
+    pub(super) fc2: Linear,
+    pub(super) final_layer_norm: LayerNorm,
+    pub(super) dropout: f64,
+    pub(super) activation_dropout: f64,
 }
 
 impl DecoderLayer {
@@ -312,9 +338,9 @@ impl DecoderLayer {
 /// The BART decoder (its head lives with the shared embedding in [`BartLanguageModel`]).
 #[derive(Debug, Clone)]
 pub struct BartDecoder {
-    embed_positions: Tensor,
-    layernorm_embedding: LayerNorm,
-    layers: Vec<DecoderLayer>,
+    pub(super) embed_positions: Tensor,
+    pub(super) layernorm_embedding: LayerNorm,
+    pub(super) layers: Vec<DecoderLayer>,
     dropout: f64,
 }
 
@@ -375,7 +401,7 @@ impl BartLanguageModel {
     /// Token embeddings `[B, L, d]` of `ids` `[B, L]`, scaled as `BartScaledWordEmbedding`.
     /// Rows looked up for the pad id pass no gradient back: the embedding is torch's
     /// `Embedding(padding_idx = 1)`.
-    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(super) fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let rows = self.shared.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?;
         let keep = ids.ne(PAD)?.unsqueeze(D::Minus1)?.broadcast_as(rows.shape())?;
@@ -388,17 +414,34 @@ impl BartLanguageModel {
     }
 
     /// The encoder's embedded input: `image_embeds` `[B, N, d]` then the prompt's embeddings.
-    fn encoder_embeddings(&self, image_embeds: &Tensor, inputs: &TextInputs, mode: &mut Mode) -> Result<Tensor> {
-        let (b, p) = (image_embeds.dim(0)?, inputs.prompt_ids.dim(0)?);
+    fn encoder_embeddings(&self, image_embeds: &Tensor, prompt_ids: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (b, p) = (image_embeds.dim(0)?, prompt_ids.dim(0)?);
         if b != p {
             return Err(Error::usage(format!(
                 "{b} images' embeddings for {p} prompts: give one image per sample"
             )));
         }
-        let text = self.embed_tokens(&inputs.prompt_ids)?.to_dtype(image_embeds.dtype())?;
+        let text = self.embed_tokens(prompt_ids)?.to_dtype(image_embeds.dtype())?;
         let x = Tensor::cat(&[image_embeds, &text], 1)?;
         let e = &self.encoder;
-        embed(&x, &e.embed_positions, &e.layernorm_embedding, e.dropout, mode)
+        embed(&x, &e.embed_positions, 0, &e.layernorm_embedding, e.dropout, mode)
+    }
+
+    /// The encoder's output `[B, N + P, d]` for `image_embeds` `[B, N, d]` and one `prompt`
+    /// shared by every image (nothing padded, so nothing masked), in evaluation mode: the
+    /// memory that generation attends to.
+    pub fn encode_prompt(&self, image_embeds: &Tensor, prompt: &[u32]) -> Result<Tensor> {
+        let b = image_embeds.dim(0)?;
+        let ids = Tensor::new(prompt, image_embeds.device())?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
+        let mut mode = Mode::eval();
+        let mut x = self.encoder_embeddings(image_embeds, &ids, &mut mode)?;
+        let unmasked = Tensor::zeros((1, 1, 1, x.dim(1)?), x.dtype(), x.device())?;
+        for layer in &self.encoder.layers {
+            x = layer.forward(&x, &unmasked, &mut mode)?;
+        }
+        Ok(x)
     }
 
     /// The encoder's key mask for `memory` `[B, N + P, d]`.
@@ -408,7 +451,7 @@ impl BartLanguageModel {
     }
 
     /// The logits `[B, L, V]` of the decoder's last hidden states `h` `[B, L, d]`.
-    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+    pub(super) fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, l, d) = h.dims3()?;
         let logits = h.reshape((b * l, d))?.matmul(&self.shared.t()?)?;
         let logits = match &self.final_logits_bias {
@@ -420,7 +463,7 @@ impl BartLanguageModel {
 
     /// The encoder's output `[B, N + P, d]` for `image_embeds` `[B, N, d]` and the prompts.
     fn encode(&self, image_embeds: &Tensor, inputs: &TextInputs, mode: &mut Mode) -> Result<Tensor> {
-        let mut x = self.encoder_embeddings(image_embeds, inputs, mode)?;
+        let mut x = self.encoder_embeddings(image_embeds, &inputs.prompt_ids, mode)?;
         let mask = Self::memory_mask(&x, inputs)?;
         for layer in &self.encoder.layers {
             x = layer.forward(&x, &mask, mode)?;
@@ -443,7 +486,7 @@ impl BartLanguageModel {
     fn decoder_embeddings(&self, inputs: &TextInputs, dtype: DType, mode: &mut Mode) -> Result<Tensor> {
         let x = self.embed_tokens(&inputs.decoder_input_ids)?.to_dtype(dtype)?;
         let d = &self.decoder;
-        embed(&x, &d.embed_positions, &d.layernorm_embedding, d.dropout, mode)
+        embed(&x, &d.embed_positions, 0, &d.layernorm_embedding, d.dropout, mode)
     }
 
     /// The language model as a chain of segments, from `[image_embeds]` (`[B, N, d]`, the
@@ -454,7 +497,7 @@ impl BartLanguageModel {
     pub fn segments<'a>(&'a self, inputs: &'a TextInputs) -> Vec<Box<dyn Segment + 'a>> {
         let mut chain: Vec<Box<dyn Segment + 'a>> = Vec::new();
         chain.push(Box::new(Link(move |xs: &[Tensor], mode: &mut Mode| {
-            Ok(vec![self.encoder_embeddings(&xs[0], inputs, mode)?])
+            Ok(vec![self.encoder_embeddings(&xs[0], &inputs.prompt_ids, mode)?])
         })));
         for layer in &self.encoder.layers {
             chain.push(Box::new(Link(move |xs: &[Tensor], mode: &mut Mode| {

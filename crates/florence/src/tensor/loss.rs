@@ -1,6 +1,6 @@
 //! The training objective.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::ops::log_softmax_last_dim;
 use crate::error::Result;
@@ -9,6 +9,11 @@ use crate::error::Result;
 /// scalar: `logits` `[B, L, V]` (the full vocabulary), `labels` `[B, L]` `u32` (masked positions
 /// hold any valid id), `mask` `[B, L]`, 1 where a position counts and 0 where it is ignored.
 pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    // Half-precision logits (mixed precision) are summed in f32, as torch's autocast does.
+    let logits = &match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
     let log_probs = log_softmax_last_dim(logits)?;
     let picked = log_probs
         .gather(&labels.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
@@ -18,7 +23,7 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Res
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     use super::*;
     use crate::tensor::ops::gradcheck;

@@ -9,6 +9,7 @@
 //! The model runs as a chain of [`Segment`]s so that backward can go segment by segment, with
 //! recomputation (gradient checkpointing) or without: see [`segment`].
 
+pub mod decoding;
 pub mod dwconv;
 mod florence2;
 pub mod language;
@@ -19,6 +20,7 @@ pub mod projector;
 pub mod segment;
 pub mod vision;
 
+pub use decoding::{Generator, TensorDecoder};
 pub use florence2::Florence2;
 pub use params::{ParamGroup, Parameters, SHARED};
 pub use segment::{Pass, Segment};

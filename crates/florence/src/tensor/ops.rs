@@ -5,9 +5,7 @@
 //! gradients behind them come out as zeros, with no error. The versions here cost a few more
 //! passes over memory and keep autograd whole.
 
-#[cfg(test)]
-use candle_core::DType;
-use candle_core::{Device, Shape, Tensor, D};
+use candle_core::{DType, Device, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,8 +37,13 @@ impl LayerNorm {
 }
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (biased variance, as
-/// torch's `layer_norm`).
+/// torch's `layer_norm`). Half-precision inputs are normalized in f32 (as torch's autocast
+/// does): their sums would lose the mean's digits.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(half) = half_precision(x) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(layer_norm(&f32(x)?, &f32(weight)?, &f32(bias)?, eps)?.to_dtype(half)?);
+    }
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
@@ -50,9 +53,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Softmax over the last dimension. The maximum subtracted for stability is detached: the
 /// softmax does not depend on it, so its gradient is exactly zero.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if let Some(half) = half_precision(x) {
+        return Ok(softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(half)?);
+    }
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let exp = shifted.exp()?;
     Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `x`'s dtype when it is bf16 or f16, which the normalizations compute in f32.
+fn half_precision(x: &Tensor) -> Option<DType> {
+    matches!(x.dtype(), DType::BF16 | DType::F16).then_some(x.dtype())
 }
 
 /// Log-softmax over the last dimension (see [`softmax_last_dim`] on the detached maximum).

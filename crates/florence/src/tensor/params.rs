@@ -85,6 +85,20 @@ impl Parameters {
         })
     }
 
+    /// Every tensor cast to `dtype` by a tracked operation, for mixed precision: a model built
+    /// over the view computes in `dtype`, and gradients reach the variables in their own dtype
+    /// through the casts.
+    pub fn cast_view(&self, dtype: DType) -> Result<Self> {
+        let slots = self
+            .tensors()
+            .map(|(name, t)| Ok((name.to_string(), Slot::Fixed(t.to_dtype(dtype)?))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            slots,
+            device: self.device.clone(),
+        })
+    }
+
     /// The trainable tensors, by name, in name order.
     pub fn trainable(&self) -> Vec<(&str, &Var)> {
         self.slots

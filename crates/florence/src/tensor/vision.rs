@@ -6,7 +6,7 @@
 //! tower runs as a chain of segments: each stage's patch embedding, then each spatial and each
 //! channel block, so gradient checkpointing recomputes one block at a time.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
 
 use super::dwconv::depthwise_conv3x3;
@@ -72,7 +72,7 @@ impl ConvEmbed {
         // candle's convolution (it has a backward) works on NCHW maps.
         let nchw = x.permute((0, 3, 1, 2))?;
         let nchw = self.fit(&self.fit(&nchw, 2)?, 3)?.contiguous()?;
-        let x = self.proj.forward(&nchw)?.permute((0, 2, 3, 1))?;
+        let x = self.convolve(&nchw)?.permute((0, 2, 3, 1))?;
         if self.pre_norm {
             Ok(x.contiguous()?)
         } else {
@@ -82,6 +82,20 @@ impl ConvEmbed {
 }
 
 impl ConvEmbed {
+    /// The convolution of an NCHW map. candle's CPU convolution has no bf16 kernel (its matrix
+    /// product widens bf16 to f32 and rounds the result back): in bf16 on the CPU it runs the
+    /// same way, so that the GPU's bf16 path can be checked on the CPU.
+    fn convolve(&self, nchw: &Tensor) -> Result<Tensor> {
+        if !(nchw.device().is_cpu() && nchw.dtype() == DType::BF16) {
+            return Ok(self.proj.forward(nchw)?);
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let weight = f32(self.proj.weight())?;
+        let bias = self.proj.bias().map(f32).transpose()?;
+        let widened = Conv2d::new(weight, bias, *self.proj.config());
+        Ok(widened.forward(&f32(nchw)?)?.to_dtype(DType::BF16)?)
+    }
+
     /// Side `dim` of an NCHW map cut to the rows or columns the kernel reaches and zero-padded,
     /// so that the unpadded convolution covers it exactly.
     ///

@@ -7,16 +7,28 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-/// `crates/florence/tests/fixtures`.
-pub fn fixtures() -> PathBuf {
-    // Relative to either crate of the workspace, so the CLI tests can share these helpers.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../florence/tests/fixtures")
+/// The repository the tests were built in, or `FLORENCE_TEST_REPO` for a test binary carried
+/// to another machine (tools/cuda/check.sh).
+fn repository() -> PathBuf {
+    match std::env::var_os("FLORENCE_TEST_REPO") {
+        Some(dir) => PathBuf::from(dir),
+        // Relative to either crate of the workspace, so the CLI tests can share these helpers.
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
-/// `../shared/testdata` beside the repository. Panics with a clear message when it is absent:
-/// the tests that need it must not pass without it.
+/// `crates/florence/tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    repository().join("crates/florence/tests/fixtures")
+}
+
+/// `../shared/testdata` beside the repository, or `FLORENCE_TEST_SHARED`. Panics with a clear
+/// message when it is absent: the tests that need it must not pass without it.
 pub fn shared_testdata() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata");
+    let dir = match std::env::var_os("FLORENCE_TEST_SHARED") {
+        Some(dir) => PathBuf::from(dir),
+        None => repository().join("../shared/testdata"),
+    };
     assert!(
         dir.is_dir(),
         "{} is missing: parity tests need the shared test data (tokenizer, test vectors) beside the repository",
