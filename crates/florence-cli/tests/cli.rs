@@ -279,3 +279,61 @@ fn bench_refuses_zero_runs() {
         assert_eq!(err.trim(), format!("error: {flag} must be at least 1"));
     }
 }
+
+/// `--device`: a GPU asked of a build without CUDA, a GPU asked of `serve` (its batching needs
+/// the CPU kernels), and int8 weights on a GPU are one-line errors before any work; `auto` on a
+/// build without CUDA runs on the CPU and gives the CPU's ids.
+#[test]
+fn devices_are_checked_before_any_work() {
+    let dir = common::model_dir("native_f32");
+    let model = dir.path().to_str().unwrap();
+    let image = common::image("gray8.png");
+    let image = image.to_str().unwrap();
+    let caption = |extra: &[&str]| {
+        let mut args = vec![
+            "caption",
+            "--model",
+            model,
+            "--max-new-tokens",
+            "6",
+            "--format",
+            "jsonl",
+        ];
+        args.extend_from_slice(extra);
+        args.push(image);
+        florence(&args)
+    };
+    if !cfg!(feature = "cuda") {
+        for (command, expected) in [
+            (
+                caption(&["--device", "cuda"]),
+                "--device cuda:0: this florence was built without CUDA",
+            ),
+            (
+                caption(&["--device", "cuda:1", "--quantize", "q8"]),
+                "--device cuda:1: this florence was built without CUDA",
+            ),
+        ] {
+            let err = stderr(&command);
+            assert_eq!(command.status.code(), Some(2), "{err}");
+            assert!(err.starts_with(&format!("error: {expected}")), "{err}");
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+        }
+        let auto = jsonl(&caption(&["--device", "auto"]));
+        let cpu = jsonl(&caption(&["--device", "cpu"]));
+        assert_eq!(auto[0]["ids"], cpu[0]["ids"]);
+    }
+    let o = florence(&["serve", "--model", model, "--device", "cuda:0", "--port", "0"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--device cuda:0: florence serve runs on the CPU for now"),
+        "{err}"
+    );
+    let o = caption(&["--device", "gpu"]);
+    assert!(
+        stderr(&o).contains("expected cpu, cuda, cuda:N or auto"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -108,7 +108,12 @@ fn mapping_form_example_yaml() {
     );
     assert_eq!(c.eval_split, EvalSplit::Count(256));
     assert_eq!(
-        (c.min_learning_rate, c.gradient_checkpointing, c.eval_before_training, c.use_bf16),
+        (
+            c.min_learning_rate,
+            c.gradient_checkpointing,
+            c.eval_before_training,
+            c.use_bf16
+        ),
         (0.00000025, false, true, true)
     );
     let ignored: Vec<&str> = notes.iter().map(|n| n.split('"').nth(1).unwrap()).collect();

@@ -12,6 +12,8 @@ mod sampling;
 
 pub use processors::LogitsProcessor;
 
+use rayon::prelude::*;
+
 use crate::config::GenerationOverrides;
 use crate::error::{Error, Result};
 
@@ -377,10 +379,20 @@ pub fn generate(cfg: &GenerationConfig, images: usize, decoder: &mut dyn StepDec
     while !active.is_empty() {
         let tokens: Vec<u32> = active.iter().flat_map(|&i| searches[i].tokens()).collect();
         let mut logits = decoder.step(&active, &tokens)?.into_iter();
-        let mut still = Vec::with_capacity(active.len());
+        let mut rows: Vec<Option<Vec<Vec<f32>>>> = vec![None; images];
         for &i in &active {
-            let rows: Vec<Vec<f32>> = logits.by_ref().take(searches[i].rows()).collect();
-            if let Advance::Continue { reorder } = searches[i].advance(rows)? {
+            rows[i] = Some(logits.by_ref().take(searches[i].rows()).collect());
+        }
+        // The searches are independent (a softmax over the vocabulary per row, then top-k):
+        // on the model's threads, idle meanwhile, they take a fraction of a large batch's step.
+        let advances: Vec<Option<Result<Advance>>> = searches
+            .par_iter_mut()
+            .zip(rows)
+            .map(|(search, rows)| rows.map(|rows| search.advance(rows)))
+            .collect();
+        let mut still = Vec::with_capacity(active.len());
+        for (i, advance) in advances.into_iter().enumerate() {
+            if let Some(Advance::Continue { reorder }) = advance.transpose()? {
                 if let Some(order) = reorder {
                     decoder.reorder(i, &order)?;
                 }

@@ -235,6 +235,47 @@ mod tests {
         gradcheck::check(|t| log_softmax_last_dim(&t[0]), &[x], 1e-6, 1e-6)
     }
 
+    /// In bf16 (mixed precision) the normalizations compute in f32 through differentiable
+    /// casts: values and gradients are the f64 ones at the bf16-rounded inputs, to bf16's
+    /// rounding of the outputs (2^-8 relative), and the gradients reach the bf16 inputs.
+    #[test]
+    fn half_precision_normalizations_keep_their_gradients() -> Result<()> {
+        let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
+        let (x, w, b) = (
+            round(&randn(&[3, 7], 5)?)?,
+            round(&randn(&[7], 6)?)?,
+            round(&randn(&[7], 7)?)?,
+        );
+        let probe = randn(&[3, 7], 8)?;
+        type Op = fn(&[Tensor]) -> Result<Tensor>;
+        let ops: [(&str, Op); 3] = [
+            ("layer_norm", |t| layer_norm(&t[0], &t[1], &t[2], 1e-5)),
+            ("softmax", |t| softmax_last_dim(&t[0])),
+            ("log_softmax", |t| log_softmax_last_dim(&t[0])),
+        ];
+        for (name, op) in ops {
+            let run = |dtype: DType| -> Result<(Tensor, Tensor)> {
+                let x = candle_core::Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let inputs = [x.as_tensor().clone(), w.to_dtype(dtype)?, b.to_dtype(dtype)?];
+                let y = op(&inputs)?;
+                let objective = (y.to_dtype(DType::F64)? * &probe)?.sum_all()?;
+                let grad = objective.backward()?.get(&x).expect("the input's gradient").clone();
+                Ok((y.to_dtype(DType::F64)?, grad.to_dtype(DType::F64)?))
+            };
+            let ((y, g), (y16, g16)) = (run(DType::F64)?, run(DType::BF16)?);
+            let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+                Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+            };
+            let (dy, dg) = (rel(&y16, &y)?, rel(&g16, &g)?);
+            assert!(
+                dy < 1e-2 && dg < 2e-2,
+                "{name}: values off by {dy:.1e}, gradients by {dg:.1e}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn dropout_masks_repeat_with_the_seed_and_scale_kept_values() -> Result<()> {
         let x = Tensor::ones((4, 64), DType::F32, &Device::Cpu)?;
