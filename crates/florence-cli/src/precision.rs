@@ -1,63 +1,44 @@
-//! `--dtype` and `--quantize`: how the model's weights are held in memory; `--strict`: whether
-//! weights the model does not use are refused.
+//! `--dtype` and `--quantize`: how the model's weights are held and its products computed
+//! ([`florence::Precision`], which the Python binding parses too); `--strict`: whether weights
+//! the model does not use are refused.
 
-use florence::{LoadOptions, WeightFormat};
+use florence::{LoadOptions, Precision};
 
 /// Model loading options shared by the subcommands that load a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrecisionArgs {
-    /// Precision of the weights in memory. f32 is exact (token for token like transformers);
-    /// bf16 halves the memory and the time of each decoding step. Products are computed in f32
-    /// either way.
-    #[arg(long, value_enum, default_value = "f32", help_heading = "Performance")]
-    dtype: Dtype,
+    /// Precision of the weights and products. f32 is exact (token for token like transformers);
+    /// bf16 holds the weights in bfloat16 and computes in bf16 (f32 sums; AMX or AVX512-BF16
+    /// where the CPU has them): half the memory, faster, not exact.
+    #[arg(long, value_parser = ["f32", "bf16"], default_value = "f32", help_heading = "Performance")]
+    dtype: String,
     /// Hold the language model's weights as int8 (weight-only, one scale per 32 values): a
     /// quarter of the f32 memory read per decoding step. Combines with --dtype for the vision
     /// encoder.
-    #[arg(long, value_enum, help_heading = "Performance")]
-    quantize: Option<Quantize>,
+    #[arg(long, value_parser = ["q8"], help_heading = "Performance")]
+    quantize: Option<String>,
     /// Refuse a model whose weights hold tensors its config.json does not use (a sign that the
     /// two do not belong together) instead of warning. Missing tensors are always refused.
     #[arg(long)]
     strict: bool,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum Dtype {
-    F32,
-    Bf16,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum Quantize {
-    Q8,
-}
-
 impl PrecisionArgs {
+    /// The precision these flags name (clap has checked their values).
+    fn precision(&self) -> Precision {
+        Precision::new(&self.dtype, self.quantize.as_deref()).expect("clap checks --dtype and --quantize")
+    }
+
     /// Loading options for these settings.
     pub fn load_options(&self) -> LoadOptions {
-        let vision = match self.dtype {
-            Dtype::F32 => WeightFormat::F32,
-            Dtype::Bf16 => WeightFormat::Bf16,
-        };
-        let language = match self.quantize {
-            Some(Quantize::Q8) => WeightFormat::Q8,
-            None => vision,
-        };
         LoadOptions {
-            vision_weights: vision,
-            language_weights: language,
             strict: self.strict,
-            ..LoadOptions::default()
+            ..self.precision().load_options()
         }
     }
 
-    /// A short description for reports, such as `f32` or `bf16 + q8 language model`.
+    /// A short description for reports, such as `f32` or `bf16 vision, q8 language model`.
     pub fn describe(&self) -> String {
-        let dtype = format!("{:?}", self.dtype).to_lowercase();
-        match self.quantize {
-            Some(Quantize::Q8) => format!("{dtype} vision, q8 language model"),
-            None => dtype,
-        }
+        self.precision().describe()
     }
 }

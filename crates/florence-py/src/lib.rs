@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use florence::pipeline::{generation_json, jsonl_record};
-use florence::{ErrorKind, GenerationRequest, LoadOptions, SamplingRequest, Task, WeightFormat};
+use florence::{ErrorKind, GenerationRequest, SamplingRequest, Task};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyNotImplementedError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
@@ -41,7 +41,8 @@ fn to_py(e: florence::Error) -> PyErr {
 /// model: a model folder (config.json, weights, tokenizer) or a Hugging Face id such as
 ///     "microsoft/Florence-2-large", taken from the Hugging Face cache or downloaded into it,
 ///     exactly as `florence caption --model`.
-/// dtype: "f32" (exact: token for token like transformers) or "bf16" (half the memory).
+/// dtype: "f32" (exact: token for token like transformers) or "bf16" (bf16 weights and
+///     compute: half the memory, faster, not exact).
 /// quantize: None, or "q8" for int8 language-model weights.
 /// threads: threads of the model's own pool (default: all cores).
 /// device: "cpu" (captioning runs on the CPU).
@@ -80,24 +81,7 @@ impl Florence {
         device: &str,
         offline: bool,
     ) -> PyResult<Self> {
-        let vision = match dtype {
-            "f32" => WeightFormat::F32,
-            "bf16" => WeightFormat::Bf16,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "dtype must be \"f32\" or \"bf16\", not {other:?}"
-                )))
-            }
-        };
-        let language = match quantize {
-            None => vision,
-            Some("q8") => WeightFormat::Q8,
-            Some(other) => {
-                return Err(PyValueError::new_err(format!(
-                    "quantize must be None or \"q8\", not {other:?}"
-                )))
-            }
-        };
+        let precision = florence::Precision::new(dtype, quantize).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if device != "cpu" {
             return Err(PyValueError::new_err(format!(
                 "device {device:?}: captioning runs on the CPU (\"cpu\"); GPU captioning is not built yet"
@@ -112,11 +96,7 @@ impl Florence {
             .build()
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the model's threads: {e}")))?;
         let name = model.to_string_lossy().into_owned();
-        let options = LoadOptions {
-            vision_weights: vision,
-            language_weights: language,
-            ..LoadOptions::default()
-        };
+        let options = precision.load_options();
         let loaded = py
             .detach(|| {
                 let offline = offline || florence::hub::offline_from_env();
@@ -128,10 +108,7 @@ impl Florence {
                 florence::Error::Checkpoint { .. } if !model.exists() => PyFileNotFoundError::new_err(e.to_string()),
                 e => to_py(e),
             })?;
-        let weights = match quantize {
-            Some(_) => format!("{dtype} vision, q8 language model"),
-            None => dtype.to_string(),
-        };
+        let weights = precision.describe();
         Ok(Self {
             model: Arc::new(loaded),
             pool,

@@ -36,6 +36,7 @@ mod model;
 mod nn;
 pub mod pipeline;
 pub mod preprocess;
+mod precision;
 mod projector;
 pub mod tasks;
 pub mod tensor;
@@ -53,6 +54,7 @@ pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, Samplin
 pub use language::SequenceCache;
 pub use model::{Florence2, IncrementalDecoder};
 pub use nn::WeightFormat;
+pub use precision::{Dtype, Precision, Quantize};
 pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};
 pub use tasks::{Task, TaskResult};
 pub use tokenizer::FlorenceTokenizer;
