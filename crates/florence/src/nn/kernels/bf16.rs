@@ -149,7 +149,7 @@ pub(crate) fn many_rows(tier: Tier, w: &Packed, x: &[f32], m: usize) -> Vec<f32>
         #[cfg(target_arch = "x86_64")]
         Tier::Amx => super::amx::many_rows(w, x, m),
         #[cfg(target_arch = "x86_64")]
-        Tier::Avx512Bf16 => super::avx512bf16::rows(w, x, m),
+        Tier::Avx512Bf16 => super::avx512bf16::rows(w, x, m, true),
         _ => {
             let (n, k) = w.dims();
             let mut wide = vec![0f32; n * k];
@@ -160,12 +160,16 @@ pub(crate) fn many_rows(tier: Tier, w: &Packed, x: &[f32], m: usize) -> Vec<f32>
 }
 
 /// `x · Wᵀ` for the few rows of a decoding step, with activations rounded to bf16:
-/// `vdpbf16ps` at the bf16 tiers, else a plain loop (the f32 tiers hold bf16 matrices row-major
-/// and never pack them; only tests run packed matrices at those tiers). Returns `[m, n]`.
+/// `vdpbf16ps` at [`Tier::Avx512Bf16`], AVX-512 FMAs on the widened panels at [`Tier::Amx`]
+/// (where `vdpbf16ps` is slower), else a plain loop in the FMAs' order (the f32 tiers hold bf16
+/// matrices row-major and never pack them; only tests run packed matrices at those tiers).
+/// Returns `[m, n]`.
 pub(crate) fn few_rows(tier: Tier, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     match tier {
         #[cfg(target_arch = "x86_64")]
-        Tier::Amx | Tier::Avx512Bf16 => super::avx512bf16::rows(w, x, m),
+        Tier::Amx => super::avx512bf16::rows(w, x, m, false),
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512Bf16 => super::avx512bf16::rows(w, x, m, true),
         _ => portable_rows(w, x, m),
     }
 }

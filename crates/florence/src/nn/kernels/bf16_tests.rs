@@ -79,6 +79,23 @@ fn every_tier_matches_the_f32_reference() -> Result<()> {
     Ok(())
 }
 
+/// The AMX tier's decoding step (FMAs on the widened panels, in input order) is the portable
+/// loop's bits.
+#[test]
+fn amx_tier_decodes_in_the_portable_order() -> Result<()> {
+    let Some(_forced) = force_tier(Tier::Amx) else {
+        println!("kernel tier NOT run (this CPU lacks it): Amx");
+        return Ok(());
+    };
+    for (m, n, k) in [(3, 3072, 768), (1, 37, 70), (8, 64, 3072)] {
+        let (x, w) = (random(m * k)?, random(n * k)?);
+        let packed = Packed::from_f32(&w, n, k);
+        let portable = bf16::few_rows(Tier::Portable, &packed, &x, m);
+        assert_eq!(bf16::few_rows(Tier::Amx, &packed, &x, m), portable, "{m}x{n}x{k}");
+    }
+    Ok(())
+}
+
 /// A row's product is the same bits alone and among other rows (row blocks, tile blocks and
 /// their remainders), at every tier, for many rows and few: captions do not depend on batches.
 #[test]
@@ -92,7 +109,13 @@ fn rows_do_not_depend_on_each_other() -> Result<()> {
         let few = bf16::few_rows(tier, &packed, &x, m);
         for i in [0, 7, 8, 16, 31, 32, 44] {
             let row = &x[i * k..(i + 1) * k];
-            assert_eq!(bf16::many_rows(tier, &packed, row, 1), many[i * n..(i + 1) * n], "{tier:?} many row {i}");
+            // Below the bf16 tiers many rows go through the f32 GEMM, whose row independence
+            // is the gemm crate's (one row takes its matrix-vector path): the batching tests
+            // check it where it matters, between batches of images.
+            if tier.has_bf16() {
+                let alone = bf16::many_rows(tier, &packed, row, 1);
+                assert_eq!(alone, many[i * n..(i + 1) * n], "{tier:?} many row {i}");
+            }
             assert_eq!(bf16::few_rows(tier, &packed, row, 1), few[i * n..(i + 1) * n], "{tier:?} few row {i}");
         }
     }
@@ -165,4 +188,45 @@ fn detection_is_consistent() {
         assert!(have.contains(&Tier::Avx512Bf16), "AMX runs the decoding step with AVX512-BF16");
     }
     println!("best tier: {:?}", super::tier());
+}
+
+/// Not a check: prints each tier's time for Florence-2's shapes
+/// (`cargo test --release -p florence --lib kernel_speed -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a test"]
+fn kernel_speed() -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (m, n, k) in [(3, 51289, 768), (3, 3072, 768), (590, 3072, 768), (36864, 512, 128), (2304, 2048, 512)] {
+        let (x, w) = (random(m * k)?, random(n * k)?);
+        let packed = Packed::from_f32(&w, n, k);
+        for tier in tiers() {
+            let _forced = force_tier(tier);
+            for (name, few) in [("many", false), ("few", true)] {
+                if few && m > 8 || !few && m <= 8 {
+                    continue;
+                }
+                let run = || {
+                    if few {
+                        bf16::few_rows(tier, &packed, &x, m)
+                    } else {
+                        bf16::many_rows(tier, &packed, &x, m)
+                    }
+                };
+                pool.install(run);
+                let t = std::time::Instant::now();
+                let reps = 5;
+                for _ in 0..reps {
+                    pool.install(run);
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "{m}x{n}x{k} {tier:?} {name}: {:.3} ms, {:.0} GFLOP/s, {:.1} GB/s of weights",
+                    s * 1e3,
+                    2.0 * (m * n * k) as f64 / s / 1e9,
+                    (n * k * 2) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+    Ok(())
 }
