@@ -42,7 +42,9 @@ impl FromStr for Dtype {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(Error::usage(format!("dtype must be \"f32\" or \"bf16\", not {other:?}"))),
+            other => Err(Error::usage(format!(
+                "dtype must be \"f32\" or \"bf16\", not {other:?}"
+            ))),
         }
     }
 }
@@ -125,10 +127,16 @@ mod tests {
     #[test]
     fn parses_and_describes() {
         let p: Precision = "bf16+q8".parse().unwrap();
-        assert_eq!((p.vision_weights(), p.language_weights()), (WeightFormat::Bf16, WeightFormat::Q8));
+        assert_eq!(
+            (p.vision_weights(), p.language_weights()),
+            (WeightFormat::Bf16, WeightFormat::Q8)
+        );
         assert_eq!(p.describe(), "bf16 vision, q8 language model");
         assert_eq!(Precision::new("f32", None).unwrap(), Precision::default());
-        assert_eq!(Precision::new("bf16", None).unwrap().load_options().language_weights, WeightFormat::Bf16);
+        assert_eq!(
+            Precision::new("bf16", None).unwrap().load_options().language_weights,
+            WeightFormat::Bf16
+        );
         assert!(Precision::new("f16", None).is_err());
         assert!(Precision::new("f32", Some("q4")).is_err());
     }

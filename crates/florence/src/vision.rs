@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::nn::{
-    gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource, PatchConv, WeightFormat,
+    gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource, PatchConv,
+    WeightFormat,
 };
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).

@@ -150,7 +150,9 @@ fn full_size_reduced_precision() {
         let dir = std::path::Path::new(dir);
         let exact = load(dir, WeightFormat::F32, WeightFormat::F32);
         println!("{}:", dir.display());
-        println!("| weights | max abs logit deviation | relative to max abs logit | tokens equal to f32 | sequences equal |");
+        println!(
+            "| weights | max abs logit deviation | relative to max abs logit | tokens equal to f32 | sequences equal |"
+        );
         println!("|---|---|---|---|---|");
         for (flags, vision, language) in formats {
             let reduced = load(dir, *vision, *language);

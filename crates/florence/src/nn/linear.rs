@@ -212,7 +212,9 @@ mod tests {
                 // bf16 weights compute in bf16: the activations are rounded where the product
                 // reads them.
                 let x_read = match (format, k % Q8_BLOCK) {
-                    (WeightFormat::Bf16, _) | (WeightFormat::Q8, 1..) => x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+                    (WeightFormat::Bf16, _) | (WeightFormat::Q8, 1..) => {
+                        x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+                    }
                     _ => x.clone(),
                 };
                 let product = x_read.matmul(&stored.t()?)?.broadcast_add(&b)?;

@@ -85,25 +85,36 @@ pub(super) fn many_rows(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     let a = tiled_rows(x, m, k);
     let m_pad = m.div_ceil(BLOCK) * BLOCK;
     let n_pad = w.panels() * PANEL;
-    // Not zeroed: the first pass stores every block of every task.
+    // Not zeroed (a pass over 75 MB for DaViT's first stage): the first pass of each task
+    // stores every block of its rows, and the later ones load them back.
     let mut c: Vec<f32> = Vec::with_capacity(m_pad * n_pad);
-    // SAFETY: f32 has no invalid bit patterns, and every element is written before it is read
-    // (the first pass of each task stores its blocks, the later ones load them back).
-    unsafe { c.set_len(m_pad * n_pad) };
     // Tasks of whole blocks of rows, at least four per thread, at most 256 rows.
     let per_task = m.div_ceil(4 * rayon::current_num_threads()).div_ceil(BLOCK) * BLOCK;
     let per_task = per_task.clamp(BLOCK, 8 * BLOCK);
-    c.par_chunks_mut(per_task * n_pad).enumerate().for_each(|(t, c)| {
+    let spare = &mut c.spare_capacity_mut()[..m_pad * n_pad];
+    spare.par_chunks_mut(per_task * n_pad).enumerate().for_each(|(t, c)| {
         // SAFETY: `enabled()` held for the tier; `a` holds the tiles of rows t * per_task
-        // onwards, whole blocks; `c` is those rows of the padded output.
-        unsafe { task(w, &a, t * per_task / 16, c) };
+        // onwards, whole blocks; `c` is those rows of the padded output, whole blocks.
+        unsafe {
+            task(
+                w,
+                &a,
+                t * per_task / 16,
+                c.as_mut_ptr().cast(),
+                c.len() / (BLOCK * n_pad),
+            )
+        };
     });
+    // SAFETY: the tasks wrote every block of every row (above).
+    unsafe { c.set_len(m_pad * n_pad) };
     if n_pad == n {
         c.truncate(m * n);
         return c;
     }
     let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(n).zip(c.par_chunks(n_pad)).for_each(|(o, c)| o.copy_from_slice(&c[..n]));
+    out.par_chunks_mut(n)
+        .zip(c.par_chunks(n_pad))
+        .for_each(|(o, c)| o.copy_from_slice(&c[..n]));
     out
 }
 
@@ -113,23 +124,26 @@ pub(super) fn many_rows(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
 fn tiled_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
     let steps = padded_k(k) / K_STEP;
     let mut a = vec![0u16; m.div_ceil(BLOCK) * BLOCK * steps * K_STEP];
-    a.par_chunks_mut(16 * steps * K_STEP).enumerate().for_each(|(g, tiles)| {
-        for r in 0..16.min(m.saturating_sub(g * 16)) {
-            let row = &x[(g * 16 + r) * k..][..k];
-            for (c, &v) in row.iter().enumerate() {
-                tiles[(c / K_STEP * 16 + r) * K_STEP + c % K_STEP] = round_bf16(v);
+    a.par_chunks_mut(16 * steps * K_STEP)
+        .enumerate()
+        .for_each(|(g, tiles)| {
+            for r in 0..16.min(m.saturating_sub(g * 16)) {
+                let row = &x[(g * 16 + r) * k..][..k];
+                for (c, &v) in row.iter().enumerate() {
+                    tiles[(c / K_STEP * 16 + r) * K_STEP + c % K_STEP] = round_bf16(v);
+                }
             }
-        }
-    });
+        });
     a
 }
 
-/// Rows of tile groups `g0 * 16..` into `c` (padded rows by padded columns), in passes of
-/// [`PASS`] tile steps.
+/// `blocks` blocks of rows from tile group `g0` on into `c` (padded rows by padded columns,
+/// written before they are read), in passes of [`PASS`] tile steps.
 ///
 /// # Safety
-/// AMX is enabled; `a` holds the A tiles of `c`'s rows in whole blocks.
-unsafe fn task(w: &Packed, a: &[u16], g0: usize, c: &mut [f32]) {
+/// AMX is enabled; `a` holds the A tiles of these rows; `c` has room for them, and nobody
+/// else accesses it meanwhile.
+unsafe fn task(w: &Packed, a: &[u16], g0: usize, c: *mut f32, blocks: usize) {
     let steps = w.pairs() * 2 / K_STEP;
     let n_pad = w.panels() * PANEL;
     let group = 16 * steps * K_STEP;
@@ -138,16 +152,23 @@ unsafe fn task(w: &Packed, a: &[u16], g0: usize, c: &mut [f32]) {
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
     for first in (0..steps).step_by(PASS) {
         let pass = first..(first + PASS).min(steps);
-        for (b, c) in c.chunks_exact_mut(BLOCK * n_pad).enumerate() {
+        for b in 0..blocks {
             let a0 = a[(g0 + 2 * b) * group..][..2 * group].as_ptr();
             for pair in 0..w.panels() / 2 {
                 let (b0, b1) = (w.panel(2 * pair), w.panel(2 * pair + 1));
-                let c = c[2 * pair * PANEL..].as_mut_ptr();
+                // SAFETY: block b of `c`, from column 32 * pair (inside the padded width).
+                let c = unsafe { c.add(b * BLOCK * n_pad + 2 * pair * PANEL) };
                 // SAFETY: the block's 32 rows of n_pad values at `c` (from column 32 * pair),
                 // its two tile groups at `a0`, and the panels' tiles of steps `pass` exist.
                 unsafe {
                     if first == 0 {
-                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
                     } else {
                         tiles_at(c, n_pad, false);
                     }

@@ -47,18 +47,20 @@ pub(super) fn rows(w: &Packed, x: &[f32], m: usize, dp: bool) -> Vec<f32> {
     let pairs = w.panels() / 2;
     let tasks_per_rows = pairs.div_ceil(pair_block);
     let dst = SharedOut(out.as_mut_ptr());
-    (0..m.div_ceil(row_block) * tasks_per_rows).into_par_iter().for_each(|t| {
-        let rows = (t / tasks_per_rows) * row_block..((t / tasks_per_rows + 1) * row_block).min(m);
-        let first = (t % tasks_per_rows) * pair_block;
-        for pair in first..(first + pair_block).min(pairs) {
-            for i in rows.clone().step_by(ROWS) {
-                let r = ROWS.min(rows.end - i);
-                // SAFETY: the tier has AVX512-BF16; rows i..i + r of `a` and of `out` exist, and
-                // this task alone writes the columns of panel pair `pair` in them.
-                unsafe { panel_pair(w, &a, i, r, 2 * pair, dst, n, dp) };
+    (0..m.div_ceil(row_block) * tasks_per_rows)
+        .into_par_iter()
+        .for_each(|t| {
+            let rows = (t / tasks_per_rows) * row_block..((t / tasks_per_rows + 1) * row_block).min(m);
+            let first = (t % tasks_per_rows) * pair_block;
+            for pair in first..(first + pair_block).min(pairs) {
+                for i in rows.clone().step_by(ROWS) {
+                    let r = ROWS.min(rows.end - i);
+                    // SAFETY: the tier has AVX512-BF16; rows i..i + r of `a` and of `out` exist, and
+                    // this task alone writes the columns of panel pair `pair` in them.
+                    unsafe { panel_pair(w, &a, i, r, 2 * pair, dst, n, dp) };
+                }
             }
-        }
-    });
+        });
     out
 }
 

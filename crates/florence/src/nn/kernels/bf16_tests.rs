@@ -116,7 +116,11 @@ fn rows_do_not_depend_on_each_other() -> Result<()> {
                 let alone = bf16::many_rows(tier, &packed, row, 1);
                 assert_eq!(alone, many[i * n..(i + 1) * n], "{tier:?} many row {i}");
             }
-            assert_eq!(bf16::few_rows(tier, &packed, row, 1), few[i * n..(i + 1) * n], "{tier:?} few row {i}");
+            assert_eq!(
+                bf16::few_rows(tier, &packed, row, 1),
+                few[i * n..(i + 1) * n],
+                "{tier:?} few row {i}"
+            );
         }
     }
     Ok(())
@@ -141,7 +145,12 @@ fn rounding_is_halfs() -> Result<()> {
         f32::from_bits(0xbf81_7fff),
     ]);
     for x in xs {
-        assert_eq!(round_bf16(x), half::bf16::from_f32(x).to_bits(), "{x:e} ({:#x})", x.to_bits());
+        assert_eq!(
+            round_bf16(x),
+            half::bf16::from_f32(x).to_bits(),
+            "{x:e} ({:#x})",
+            x.to_bits()
+        );
     }
     assert!(f32::from_bits((round_bf16(f32::NAN) as u32) << 16).is_nan());
     Ok(())
@@ -185,7 +194,10 @@ fn detection_is_consistent() {
         assert!(pair[0] < pair[1]);
     }
     if have.contains(&Tier::Amx) {
-        assert!(have.contains(&Tier::Avx512Bf16), "AMX runs the decoding step with AVX512-BF16");
+        assert!(
+            have.contains(&Tier::Avx512Bf16),
+            "AMX runs the decoding step with AVX512-BF16"
+        );
     }
     println!("best tier: {:?}", super::tier());
 }
@@ -196,7 +208,13 @@ fn detection_is_consistent() {
 #[ignore = "a measurement, not a test"]
 fn kernel_speed() -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for (m, n, k) in [(3, 51289, 768), (3, 3072, 768), (590, 3072, 768), (36864, 512, 128), (2304, 2048, 512)] {
+    for (m, n, k) in [
+        (3, 51289, 768),
+        (3, 3072, 768),
+        (590, 3072, 768),
+        (36864, 512, 128),
+        (2304, 2048, 512),
+    ] {
         let (x, w) = (random(m * k)?, random(n * k)?);
         let packed = Packed::from_f32(&w, n, k);
         for tier in tiers() {
