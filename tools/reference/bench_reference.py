@@ -33,20 +33,20 @@ def worker(args):
     import florence_ref as ref
 
     torch.set_num_threads(args.threads)
-    model = Florence2ForConditionalGeneration.from_pretrained(args.model).eval()
+    model = Florence2ForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(os.path.join(ref.SHARED, "tokenizer-florence"))
     prompt = tok("What does the image describe?")["input_ids"]
     gen = dict(num_beams=args.beams, do_sample=False, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                **ref.REMOTE_DEFAULTS)
 
     def run():
-        pv = ref.pixel_values(args.image, 768).unsqueeze(0)  # image load + PIL preprocessing
+        pv = ref.pixel_values(args.image, 768).unsqueeze(0).to(model.dtype)  # image load + PIL preprocessing
         ids = torch.tensor([[model.config.image_token_id] * 577 + prompt])
         with torch.no_grad():
             return model.generate(input_ids=ids, pixel_values=pv, **gen)
 
     if args.vision:
-        pv = ref.pixel_values(args.image, 768).unsqueeze(0)
+        pv = ref.pixel_values(args.image, 768).unsqueeze(0).to(model.dtype)
 
         def run():  # noqa: F811 - the vision tower and projector only
             with torch.no_grad():
@@ -101,6 +101,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--florence-args", default="", help="extra flags for florence caption, e.g. '--dtype bf16'")
     ap.add_argument("--vision", action="store_true", help="time the vision tower and projector alone")
+    ap.add_argument("--dtype", default="float32", help="torch dtype the reference loads the model in (bfloat16: oneDNN)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -190,7 +190,7 @@ struct CaptionPlan {
     errors: Option<PathBuf>,
     model: String,
     offline: bool,
-    precision: crate::precision::Precision,
+    precision: crate::precision::Resolved,
     quiet: bool,
 }
 
@@ -378,7 +378,7 @@ impl Progress {
         model: &str,
         offline: bool,
         quiet: bool,
-        precision: &crate::precision::Precision,
+        precision: &crate::precision::Resolved,
     ) -> Result<Florence, Error> {
         let bar = &self.bar;
         bar.set_message(format!("loading {model}"));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use florence::pipeline::{generation_json, jsonl_record};
-use florence::{ErrorKind, GenerationRequest, LoadOptions, SamplingRequest, Task, WeightFormat};
+use florence::{ErrorKind, GenerationRequest, SamplingRequest, Task};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyNotImplementedError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
@@ -41,10 +41,12 @@ fn to_py(e: florence::Error) -> PyErr {
 /// model: a model folder (config.json, weights, tokenizer) or a Hugging Face id such as
 ///     "microsoft/Florence-2-large", taken from the Hugging Face cache or downloaded into it,
 ///     exactly as `florence caption --model`.
-/// dtype: "f32" (exact: token for token like transformers) or "bf16" (half the memory).
+/// dtype: "f32" (exact: token for token like transformers) or "bf16" (bf16 weights and
+///     compute: half the memory, faster, not exact).
 /// quantize: None, or "q8" for int8 language-model weights.
 /// threads: threads of the model's own pool (default: all cores).
-/// device: "cpu" (captioning runs on the CPU).
+/// device: "cpu", "cuda" (the first GPU), "cuda:N", or "auto" (a GPU when this build has CUDA
+///     support and one is present); on a GPU the model runs on candle's CUDA backend, in dtype.
 /// offline: never download (also HF_HUB_OFFLINE=1).
 #[pyclass(frozen, module = "florence_rs")]
 struct Florence {
@@ -80,29 +82,11 @@ impl Florence {
         device: &str,
         offline: bool,
     ) -> PyResult<Self> {
-        let vision = match dtype {
-            "f32" => WeightFormat::F32,
-            "bf16" => WeightFormat::Bf16,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "dtype must be \"f32\" or \"bf16\", not {other:?}"
-                )))
-            }
-        };
-        let language = match quantize {
-            None => vision,
-            Some("q8") => WeightFormat::Q8,
-            Some(other) => {
-                return Err(PyValueError::new_err(format!(
-                    "quantize must be None or \"q8\", not {other:?}"
-                )))
-            }
-        };
-        if device != "cpu" {
-            return Err(PyValueError::new_err(format!(
-                "device {device:?}: captioning runs on the CPU (\"cpu\"); GPU captioning is not built yet"
-            )));
-        }
+        let precision = florence::Precision::new(dtype, quantize).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let (device, _) = device
+            .parse::<florence::device::DeviceChoice>()
+            .and_then(|d| d.open())
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         if threads == Some(0) {
             return Err(PyValueError::new_err("threads must be at least 1"));
         }
@@ -112,10 +96,9 @@ impl Florence {
             .build()
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the model's threads: {e}")))?;
         let name = model.to_string_lossy().into_owned();
-        let options = LoadOptions {
-            vision_weights: vision,
-            language_weights: language,
-            ..LoadOptions::default()
+        let options = florence::LoadOptions {
+            device,
+            ..precision.load_options()
         };
         let loaded = py
             .detach(|| {
@@ -128,10 +111,7 @@ impl Florence {
                 florence::Error::Checkpoint { .. } if !model.exists() => PyFileNotFoundError::new_err(e.to_string()),
                 e => to_py(e),
             })?;
-        let weights = match quantize {
-            Some(_) => format!("{dtype} vision, q8 language model"),
-            None => dtype.to_string(),
-        };
+        let weights = precision.describe();
         Ok(Self {
             model: Arc::new(loaded),
             pool,

@@ -107,8 +107,10 @@ def test_errors_are_python_exceptions_with_the_cli_message(model, small_model, t
         florence_rs.Florence(tmp_path / "empty")
     with pytest.raises(ValueError, match='dtype must be "f32" or "bf16"'):
         florence_rs.Florence(small_model, dtype="f16")
-    with pytest.raises(ValueError, match="captioning runs on the CPU"):
+    with pytest.raises(ValueError, match="built without CUDA"):
         florence_rs.Florence(small_model, device="cuda")
+    with pytest.raises(ValueError, match="expected cpu, cuda, cuda:N or auto"):
+        florence_rs.Florence(small_model, device="gpu")
     assert model.caption([]) == []
 
 

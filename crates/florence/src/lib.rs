@@ -35,6 +35,7 @@ mod language;
 mod model;
 mod nn;
 pub mod pipeline;
+mod precision;
 pub mod preprocess;
 mod projector;
 pub mod tasks;
@@ -53,6 +54,7 @@ pub use generation::{EarlyStopping, GenerationConfig, GenerationRequest, Samplin
 pub use language::SequenceCache;
 pub use model::{Florence2, IncrementalDecoder};
 pub use nn::WeightFormat;
+pub use precision::{Dtype, Precision, Quantize};
 pub use preprocess::{ImageProcessor, PreparedImage, RgbImage};
 pub use tasks::{Task, TaskResult};
 pub use tokenizer::FlorenceTokenizer;

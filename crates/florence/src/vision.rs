@@ -12,6 +12,7 @@ use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::nn::{
     gemm_f32, softmax_rows, with_f32, DepthwiseConv3x3Residual, LayerNorm, Linear, MatrixSource, PatchConv,
+    WeightFormat,
 };
 
 /// The patch-embedding convolution that opens each stage (`convs.{i}`).
@@ -23,11 +24,11 @@ struct ConvEmbed {
 }
 
 impl ConvEmbed {
-    fn new(cfg: &VisionConfig, i: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, i: usize, vb: VarBuilder, format: WeightFormat) -> Result<Self> {
         let in_ch = if i == 0 { 3 } else { cfg.dim_embed[i - 1] };
         let out_ch = cfg.dim_embed[i];
         let (k, stride, padding) = (cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]);
-        let proj = PatchConv::new(in_ch, out_ch, k, stride, padding, vb.pp("proj"))?;
+        let proj = PatchConv::new(in_ch, out_ch, k, stride, padding, vb.pp("proj"), format)?;
         let pre_norm = cfg.patch_prenorm[i];
         let norm = LayerNorm::new(if pre_norm { in_ch } else { out_ch }, vb.pp("norm"))?;
         Ok(Self { proj, norm, pre_norm })
@@ -307,7 +308,7 @@ struct Stage {
 impl Stage {
     /// Loads stage `s` from `vision_tower` (`vb`).
     fn new(cfg: &VisionConfig, s: usize, vb: &VarBuilder, weights: MatrixSource) -> Result<Self> {
-        let conv = ConvEmbed::new(cfg, s, vb.pp("convs").pp(s))?;
+        let conv = ConvEmbed::new(cfg, s, vb.pp("convs").pp(s), weights.format)?;
         let blocks = (0..cfg.depths[s])
             .map(|b| {
                 let vb = vb.pp("blocks").pp(s).pp(b);

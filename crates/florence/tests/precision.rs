@@ -128,3 +128,62 @@ fn reduced_precision_stays_close_to_f32() {
         );
     }
 }
+
+/// The same report on random full-size models (`tools/reference/make_full_size.py`): `--dtype
+/// bf16` and `--dtype bf16 --quantize q8` against f32 on every fixture image, `<CAPTION>` and
+/// `<OD>`, 3 beams and greedy, 64 new tokens at most:
+///
+/// ```text
+/// FLORENCE_FULL_SIZE_DIRS=/tmp/florence-base-native cargo test --release -p florence \
+///     --test precision -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "needs FLORENCE_FULL_SIZE_DIRS from tools/reference/make_full_size.py (GBs of weights)"]
+fn full_size_reduced_precision() {
+    let dirs = std::env::var("FLORENCE_FULL_SIZE_DIRS")
+        .expect("set FLORENCE_FULL_SIZE_DIRS to directories made by tools/reference/make_full_size.py");
+    let images: Vec<florence::RgbImage> = ["gradient_rgba.png", "noise_rgb.png", "palette.png", "gray8.png"]
+        .iter()
+        .map(|name| florence::preprocess::load_image(&common::image(name)).unwrap())
+        .collect();
+    let formats = [&FORMATS[0], &FORMATS[2]];
+    for dir in dirs.split(':').filter(|d| !d.is_empty()) {
+        let dir = std::path::Path::new(dir);
+        let exact = load(dir, WeightFormat::F32, WeightFormat::F32);
+        println!("{}:", dir.display());
+        println!(
+            "| weights | max abs logit deviation | relative to max abs logit | tokens equal to f32 | sequences equal |"
+        );
+        println!("|---|---|---|---|---|");
+        for (flags, vision, language) in formats {
+            let reduced = load(dir, *vision, *language);
+            let (mut dev_abs, mut dev_rel, mut agree, mut tokens, mut equal, mut sequences) = (0f32, 0f32, 0, 0, 0, 0);
+            for img in &images {
+                let (a, b) = (first_logits(&exact, img), first_logits(&reduced, img));
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let dev = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                dev_abs = dev_abs.max(dev);
+                dev_rel = dev_rel.max(dev / scale);
+            }
+            for (task, beams) in [("<CAPTION>", 3), ("<CAPTION>", 1), ("<OD>", 3)] {
+                let task = Task::new(task, None).unwrap();
+                let mut gen = exact.generation_config().clone();
+                gen.num_beams = beams;
+                gen.max_new_tokens = 64;
+                let want = exact.run(&images, &task, &gen).unwrap();
+                let got = reduced.run(&images, &task, &gen).unwrap();
+                for (w, g) in want.iter().zip(&got) {
+                    tokens += w.ids.len().max(g.ids.len());
+                    agree += w.ids.iter().zip(&g.ids).filter(|(a, b)| a == b).count();
+                    sequences += 1;
+                    equal += usize::from(w.ids == g.ids);
+                }
+            }
+            println!(
+                "| `{flags}` | {dev_abs:.2e} | {dev_rel:.2e} | {agree}/{tokens} ({:.1}%) | {equal}/{sequences} |",
+                100.0 * agree as f64 / tokens as f64
+            );
+            assert!(dev_rel < 0.05, "{flags}: logits moved by {dev_rel} of their range");
+        }
+    }
+}

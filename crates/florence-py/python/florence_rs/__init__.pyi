@@ -17,7 +17,7 @@ class Florence:
         dtype: Literal["f32", "bf16"] = "f32",
         quantize: Optional[Literal["q8"]] = None,
         threads: Optional[int] = None,
-        device: Literal["cpu"] = "cpu",
+        device: str = "cpu",
         offline: bool = False,
     ) -> None: ...
     @property

@@ -27,7 +27,7 @@ pub struct PatchConv {
 }
 
 impl PatchConv {
-    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]`.
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]`, the kernel held in `format`.
     pub fn new(
         in_channels: usize,
         out_channels: usize,
@@ -35,6 +35,7 @@ impl PatchConv {
         stride: usize,
         padding: usize,
         vb: VarBuilder,
+        format: WeightFormat,
     ) -> Result<Self> {
         let w = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let w = w
@@ -42,7 +43,7 @@ impl PatchConv {
             .reshape((out_channels, kernel * kernel * in_channels))?;
         let bias = vb.get(out_channels, "bias")?;
         Ok(Self {
-            linear: Linear::from_weights(Matrix::new(w, WeightFormat::F32)?, Some(bias))?,
+            linear: Linear::from_weights(Matrix::new(w, format)?, Some(bias))?,
             kernel,
             stride,
             padding,
@@ -231,7 +232,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, h, w, cin), &dev)?;
             let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
-            let ours = PatchConv::new(cin, cout, k, s, p, weights(&weight, &bias))?.forward(&x)?;
+            let ours = PatchConv::new(cin, cout, k, s, p, weights(&weight, &bias), WeightFormat::F32)?.forward(&x)?;
             let expected = x
                 .permute((0, 3, 1, 2))?
                 .contiguous()?

@@ -8,20 +8,28 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::kernels::bf16::{self, Packed};
 use super::kernels::{self, aligned_copy, Weights};
 use super::{gemm_f32, with_f32};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
-/// How a weight matrix is held in memory. Products are computed in f32 whatever the format:
-/// reduced formats are widened as they are read, which halves (bf16) or quarters (q8) the memory
-/// a decoding step streams. Only f32 is token-exact with transformers.
+/// How a weight matrix is held in memory, and how its products are computed. Only f32 is
+/// token-exact with transformers.
+///
+/// - f32 weights multiply f32 activations.
+/// - bf16 weights multiply activations rounded to bf16 (bf16 compute), summed in f32: on AMX
+///   tiles or with AVX512-BF16 where the CPU has them, else with the f32 kernels on the same
+///   rounded values, so that results differ between CPUs only in the order of the f32 sums.
+/// - int8 weights are widened to f32 as they are read and multiply f32 activations: a quarter
+///   of the memory a decoding step streams, the products of the widened matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     /// As in the checkpoint, exact.
     #[default]
     F32,
-    /// bfloat16, rounded to nearest even (the precision Florence-2 checkpoints are often shipped in).
+    /// bfloat16, rounded to nearest even (the precision Florence-2 checkpoints are often shipped
+    /// in), with bf16 compute.
     Bf16,
     /// Weight-only int8: symmetric, one f32 scale per block of [`Q8_BLOCK`] inputs of a row.
     Q8,
@@ -41,7 +49,10 @@ pub struct Matrix {
 #[derive(Debug, Clone)]
 enum MatrixData {
     F32(F32Values),
+    /// Row-major bits, for CPUs without bf16 dot products.
     Bf16(Arc<Vec<u16>>),
+    /// Panels for the bf16 tiers' kernels.
+    Packed(Arc<Packed>),
     Q8 {
         values: Arc<Vec<i8>>,
         scales: Arc<Vec<f32>>,
@@ -111,6 +122,10 @@ impl Matrix {
         };
         let data = match format {
             WeightFormat::F32 => MatrixData::F32(F32Values::new(aligned_copy(v))),
+            // Held in the one layout the CPU's kernels read, never in both.
+            WeightFormat::Bf16 if kernels::tier().has_bf16() => {
+                MatrixData::Packed(Arc::new(Packed::from_f32(v, rows, cols)))
+            }
             WeightFormat::Bf16 => MatrixData::Bf16(
                 v.par_iter()
                     .map(|&x| half::bf16::from_f32(x).to_bits())
@@ -190,6 +205,7 @@ impl Matrix {
                     *o = bf16_to_f32(b);
                 }
             }
+            MatrixData::Packed(w) => w.row_into(j, o),
             MatrixData::Q8 { values, scales } => {
                 let blocks = k / Q8_BLOCK;
                 for ((o, q), &s) in o
@@ -205,19 +221,16 @@ impl Matrix {
         });
     }
 
-    /// The weight rows as the decoding-step kernels read them.
-    fn weights(&self) -> Weights<'_> {
-        match &self.data {
-            MatrixData::F32(w) => Weights::F32(w),
-            MatrixData::Bf16(w) => Weights::Bf16(w),
-            MatrixData::Q8 { values, scales } => Weights::Q8 { values, scales },
-        }
-    }
-
     /// `x · Wᵀ` for the few rows of `x` (`[m, cols]`, row-major) with the decoding-step kernels,
     /// which stream `W` once. Returns `[m, rows]`.
     pub(super) fn mul_few_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
-        kernels::few_rows_product(self.weights(), self.rows, self.cols, x, m)
+        let (n, k) = (self.rows, self.cols);
+        match &self.data {
+            MatrixData::F32(w) => kernels::few_rows_product(Weights::F32(w), n, k, x, m),
+            MatrixData::Bf16(w) => kernels::few_rows_product(Weights::Bf16(w), n, k, &bf16::rounded_rows(x), m),
+            MatrixData::Packed(w) => bf16::few_rows(kernels::tier(), w, x, m),
+            MatrixData::Q8 { values, scales } => kernels::few_rows_product(Weights::Q8 { values, scales }, n, k, x, m),
+        }
     }
 
     /// `x · Wᵀ` for many rows of `x` (`[m, cols]`, row-major) with a multithreaded GEMM, on
@@ -234,7 +247,9 @@ impl Matrix {
         match (weight_t, &self.data) {
             (Some(wt), _) => with_f32(wt, |w| product(w, (n, 1)))?,
             (None, MatrixData::F32(w)) => product(w, (1, k)),
-            (None, _) => product(&self.widened(), (1, k)),
+            (None, MatrixData::Q8 { .. }) => product(&self.widened(), (1, k)),
+            (None, MatrixData::Bf16(_)) => return Ok(bf16::f32_many_rows(&self.widened(), n, k, x, m)),
+            (None, MatrixData::Packed(w)) => return Ok(bf16::many_rows(kernels::tier(), w, x, m)),
         }
         // SAFETY: the GEMM wrote all m * n elements.
         unsafe { y.set_len(m * n) };

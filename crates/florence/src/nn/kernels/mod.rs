@@ -14,6 +14,10 @@
 //!
 //! The same tier decides whether the plain-code helpers of `nn` run compiled for AVX2
 //! ([`with_avx2`]), so that tests that force a tier reach those too.
+//!
+//! Products of bf16 matrices (bf16 compute) are [`bf16`]'s, for many rows and few: AMX tiles
+//! (`amx`) and `vdpbf16ps` (`avx512bf16`) at the bf16 tiers, the f32 kernels on activations
+//! rounded the same way below them.
 
 use rayon::prelude::*;
 
@@ -21,15 +25,25 @@ use super::matrix::q8_to_f32;
 use super::Q8_BLOCK;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
+pub(super) mod bf16;
+#[cfg(test)]
+mod bf16_tests;
 mod portable;
 
 /// Lanes per accumulator.
 const LANES: usize = 16;
 
 /// A set of kernels for a level of CPU features; each tier needs those of the tiers before it.
+///
+/// The f32 tiers give the same bits; the bf16 tiers (`Avx512Bf16`, `Amx`) only compute the
+/// products of bf16 matrices ([`bf16`]), which they sum in their own order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Tier {
     /// Plain Rust, for any CPU.
@@ -38,6 +52,10 @@ pub(crate) enum Tier {
     Avx2,
     /// AVX-512F intrinsics for int8 weights (f32 and bf16 keep the AVX2 kernels).
     Avx512,
+    /// `vdpbf16ps` (AVX512-BF16) for the products of bf16 matrices, many rows and few.
+    Avx512Bf16,
+    /// AMX tiles (`tdpbf16ps`) for bf16 products of many rows; AVX512-BF16 for few.
+    Amx,
 }
 
 impl Tier {
@@ -45,15 +63,29 @@ impl Tier {
     fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         let avx2 = || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = || avx2() && is_x86_feature_detected!("avx512f");
+        #[cfg(target_arch = "x86_64")]
+        let avx512bf16 = || avx512() && is_x86_feature_detected!("avx512bf16");
         match self {
             Tier::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => avx2(),
             #[cfg(target_arch = "x86_64")]
-            Tier::Avx512 => avx2() && is_x86_feature_detected!("avx512f"),
+            Tier::Avx512 => avx512(),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512Bf16 => avx512bf16(),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Amx => avx512bf16() && amx::enabled(),
             #[cfg(not(target_arch = "x86_64"))]
-            Tier::Avx2 | Tier::Avx512 => false,
+            Tier::Avx2 | Tier::Avx512 | Tier::Avx512Bf16 | Tier::Amx => false,
         }
+    }
+
+    /// Whether the tier has bf16 dot products, and so holds bf16 matrices in [`bf16::Packed`]
+    /// panels.
+    pub(crate) fn has_bf16(self) -> bool {
+        self >= Tier::Avx512Bf16
     }
 }
 
@@ -70,7 +102,7 @@ pub(crate) fn tier() -> Tier {
 fn best() -> Tier {
     static BEST: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
-        [Tier::Avx512, Tier::Avx2]
+        [Tier::Amx, Tier::Avx512Bf16, Tier::Avx512, Tier::Avx2]
             .into_iter()
             .find(|t| t.available())
             .unwrap_or(Tier::Portable)
@@ -92,15 +124,20 @@ mod forcing {
     /// The forced tier's index in [`ALL`], or none.
     static FORCED: AtomicU8 = AtomicU8::new(NONE);
     const NONE: u8 = u8::MAX;
-    const ALL: [Tier; 3] = [Tier::Portable, Tier::Avx2, Tier::Avx512];
+    pub(super) const ALL: [Tier; 5] = [Tier::Portable, Tier::Avx2, Tier::Avx512, Tier::Avx512Bf16, Tier::Amx];
 
     pub(super) fn forced() -> Option<Tier> {
         ALL.get(FORCED.load(Ordering::Relaxed) as usize).copied()
     }
 
-    /// The tiers this CPU has, [`Tier::Portable`] first.
+    /// The tiers this CPU has, [`Tier::Portable`] first. Prints the tiers it lacks, so that a
+    /// test run says which kernels it did not check.
     pub(crate) fn tiers() -> Vec<Tier> {
-        ALL.into_iter().filter(|t| t.available()).collect()
+        let (have, lack): (Vec<Tier>, Vec<Tier>) = ALL.into_iter().partition(|t| t.available());
+        if !lack.is_empty() {
+            println!("kernel tiers NOT run (this CPU lacks them): {lack:?}");
+        }
+        have
     }
 
     /// Runs the kernels and the `with_avx2` helpers at `tier` until the guard drops, when the
@@ -196,12 +233,12 @@ pub(super) fn few_rows_product(w: Weights, n: usize, k: usize, x: &[f32], m: usi
 fn weight_rows_times_rows(tier: Tier, w: Weights, k: usize, x: &[f32], m: usize, j0: usize, out: &mut [f32]) {
     match (tier, w) {
         #[cfg(target_arch = "x86_64")]
-        (Tier::Avx512, Weights::Q8 { values, scales }) => {
+        (Tier::Avx512 | Tier::Avx512Bf16 | Tier::Amx, Weights::Q8 { values, scales }) => {
             // SAFETY: the tier is one this CPU has.
             unsafe { avx512::q8_weight_rows(values, scales, k, x, m, j0, out) }
         }
         #[cfg(target_arch = "x86_64")]
-        (Tier::Avx2 | Tier::Avx512, _) if k.is_multiple_of(LANES) => {
+        (Tier::Avx2 | Tier::Avx512 | Tier::Avx512Bf16 | Tier::Amx, _) if k.is_multiple_of(LANES) => {
             // SAFETY: the tier is one this CPU has, and AVX-512 implies AVX2 in `available`.
             unsafe { avx2::weight_rows(w, k, x, m, j0, out) }
         }
@@ -410,10 +447,17 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?.flatten_all()?.to_vec1()?;
             for format in FORMATS {
-                let mat = Matrix::new(w.clone(), format)?;
-                let portable = at(Tier::Portable, || mat.mul_few_rows(&x, m));
+                // Held as each tier holds it; the bf16 tiers sum bf16 products in their own
+                // order (checked in `bf16_tests`), the f32 tiers all in the same.
+                let product = || Ok::<_, crate::Error>(Matrix::new(w.clone(), format)?.mul_few_rows(&x, m));
+                let portable = at(Tier::Portable, product)?;
                 for tier in tiers() {
-                    let y = at(tier, || mat.mul_few_rows(&x, m));
+                    // int8 widths of no whole block are held in bf16.
+                    let bf16 = format == WeightFormat::Bf16 || (format == WeightFormat::Q8 && k % Q8_BLOCK != 0);
+                    if bf16 && tier.has_bf16() {
+                        continue;
+                    }
+                    let y = at(tier, product)?;
                     assert_eq!(bits(&y), bits(&portable), "{tier:?} {format:?} {m}x{n}x{k}");
                 }
             }
