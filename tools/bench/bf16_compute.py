@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "..", "reference", "bench_reference.py")
+sys.path.insert(0, os.path.dirname(REFERENCE))
+from bench_reference import timed  # noqa: E402 - wall time, peak RSS and stdout of a child
 
 FLORENCE_ROWS = [("florence f32", ""), ("florence bf16", "--dtype bf16"),
                  ("florence bf16 + q8", "--dtype bf16 --quantize q8")]
@@ -42,18 +42,6 @@ def make_image(path):
     img += rng.normal(0, 12, img.shape)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
     return path
-
-
-def timed(cmd):
-    """Wall seconds, peak RSS (MB) and stdout of a child process (whose output is small)."""
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - t
-    out = p.stdout.read().decode()
-    if status != 0:
-        sys.exit(f"{' '.join(cmd)} failed: {p.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1024, out
 
 
 def florence_run(args, flags, n):

@@ -110,6 +110,11 @@ pub fn bench(a: BenchArgs) -> florence::Result<()> {
     Ok(())
 }
 
+/// `--batch-size` copies of the decoded `--image` (decoding is timed as a stage).
+fn decoded_batch(a: &BenchArgs) -> florence::Result<Vec<florence::RgbImage>> {
+    Ok(vec![florence::preprocess::load_image(&a.image)?; a.batch_size])
+}
+
 /// One generation on the CPU kernels, stage by stage: the row `report` prints.
 fn staged_run(
     a: &BenchArgs,
@@ -119,8 +124,7 @@ fn staged_run(
     gen: &florence::GenerationConfig,
 ) -> florence::Result<[f64; 9]> {
     let t0 = Instant::now();
-    let img = florence::preprocess::load_image(&a.image)?;
-    let images = vec![img; a.batch_size];
+    let images = decoded_batch(a)?;
     let decode = t0.elapsed();
     let t = Instant::now();
     let pv = model.pixel_values(&images)?;
@@ -173,8 +177,7 @@ fn whole_run(
     gen: &florence::GenerationConfig,
 ) -> florence::Result<[f64; 9]> {
     let t0 = Instant::now();
-    let img = florence::preprocess::load_image(&a.image)?;
-    let images = vec![img; a.batch_size];
+    let images = decoded_batch(a)?;
     let decode = t0.elapsed();
     let t = Instant::now();
     let prepared: Vec<_> = images.iter().map(|i| model.processor().prepare(i)).collect();
