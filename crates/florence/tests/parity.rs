@@ -112,26 +112,9 @@ fn generated_tokens_equal_the_reference() {
     for name in common::model_names() {
         let dir = common::model_dir(&name);
         let model = Florence::load(dir.path(), &LoadOptions::default()).unwrap();
-        for case in common::cases(&name)["cases"].as_array().unwrap() {
-            let (task, images) = common::case_inputs(case);
-            let gen = common::generation_config(model.generation_config(), &case["generation"]);
-            let outputs = model.run(&images, &task, &gen).unwrap();
-            for (i, out) in outputs.iter().enumerate() {
-                let want = common::token_ids(&case["ids"][i]);
-                checked += 1;
-                if out.ids != want {
-                    failures.push(format!(
-                        "{name} {} {} image {i}:\n  ours {:?}\n  want {want:?}",
-                        case["task"], case["generation"], out.ids
-                    ));
-                } else if out.raw != case["raw"][i].as_str().unwrap() {
-                    failures.push(format!(
-                        "{name} {}: raw {:?} != {:?}",
-                        case["task"], out.raw, case["raw"][i]
-                    ));
-                }
-            }
-        }
+        let (n, f) = common::generation_failures(&name, &model);
+        checked += n;
+        failures.extend(f);
     }
     assert!(checked >= 30, "only {checked} generations checked");
     assert!(

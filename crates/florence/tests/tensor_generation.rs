@@ -40,20 +40,9 @@ fn f32_generation_equals_the_reference() {
     for name in common::model_names() {
         let dir = common::model_dir(&name);
         let model = load(dir.path(), WeightFormat::F32);
-        for case in common::cases(&name)["cases"].as_array().unwrap() {
-            let (task, images) = common::case_inputs(case);
-            let gen = common::generation_config(model.generation_config(), &case["generation"]);
-            for (i, out) in model.run(&images, &task, &gen).unwrap().iter().enumerate() {
-                checked += 1;
-                let want = common::token_ids(&case["ids"][i]);
-                if out.ids != want || out.raw != case["raw"][i].as_str().unwrap() {
-                    failures.push(format!(
-                        "{name} {} {} image {i}:\n  ours {:?}\n  want {want:?}",
-                        case["task"], case["generation"], out.ids
-                    ));
-                }
-            }
-        }
+        let (n, f) = common::generation_failures(&name, &model);
+        checked += n;
+        failures.extend(f);
     }
     assert!(checked >= 30, "only {checked} generations checked");
     assert!(

@@ -129,3 +129,24 @@ pub fn generation_config(base: &florence::GenerationConfig, g: &Value) -> floren
     cfg.sampling = None;
     cfg
 }
+
+/// Runs every generation case of fixture `name` on `model` and returns how many images were
+/// checked and a line for each whose ids or string differ from transformers'.
+pub fn generation_failures(name: &str, model: &florence::Florence) -> (usize, Vec<String>) {
+    let (mut checked, mut failures) = (0, Vec::new());
+    for case in cases(name)["cases"].as_array().unwrap() {
+        let (task, images) = case_inputs(case);
+        let gen = generation_config(model.generation_config(), &case["generation"]);
+        for (i, out) in model.run(&images, &task, &gen).unwrap().iter().enumerate() {
+            checked += 1;
+            let want = token_ids(&case["ids"][i]);
+            if out.ids != want || out.raw != case["raw"][i].as_str().unwrap() {
+                failures.push(format!(
+                    "{name} {} {} image {i}:\n  ours {:?} {:?}\n  want {want:?} {}",
+                    case["task"], case["generation"], out.ids, out.raw, case["raw"][i]
+                ));
+            }
+        }
+    }
+    (checked, failures)
+}
